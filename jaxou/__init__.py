@@ -1,0 +1,22 @@
+"""jaxou: the two-stage Ornstein–Uhlenbeck model of pre-training and fine-tuning, in JAX."""
+
+from ._bounds import (
+    TwoStageBound as TwoStageBound,
+    binary_kl as binary_kl,
+    domain_discrepancy as domain_discrepancy,
+    kl_inverse as kl_inverse,
+    pac_bayes_bound as pac_bayes_bound,
+    two_stage_bound as two_stage_bound,
+)
+from ._gaussian import (
+    Gaussian as Gaussian,
+    KLDecomposition as KLDecomposition,
+    kl as kl,
+    kl_parts as kl_parts,
+    w2 as w2,
+)
+from ._linalg import LyapunovStatus as LyapunovStatus, lyapunov as lyapunov
+from ._ou import OUDiffusion as OUDiffusion, OUDrift as OUDrift, OUProcess as OUProcess
+from ._sgd import SGDStage as SGDStage, TwoStage as TwoStage
+
+__version__ = "0.1.0"

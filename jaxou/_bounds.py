@@ -1,0 +1,246 @@
+"""Layer 6: PAC-Bayes bounds, the two-stage bound and the domain discrepancy."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float
+
+from ._gaussian import Gaussian, KLDecomposition, kl_parts
+from ._ou import OUProcess
+from ._sgd import SGDStage, TwoStage
+
+__all__ = [
+    "binary_kl",
+    "kl_inverse",
+    "pac_bayes_bound",
+    "domain_discrepancy",
+    "two_stage_bound",
+    "TwoStageBound",
+]
+
+
+def binary_kl(q: ArrayLike, p: ArrayLike) -> Array:
+    r"""$\mathrm{kl}(q\,\|\,p) = q\ln\frac qp + (1-q)\ln\frac{1-q}{1-p}$, the KL
+    divergence between Bernoulli laws, with $0\ln 0 = 0$."""
+    q = jnp.asarray(q)
+    p = jnp.asarray(p)
+    xlogy = jax.scipy.special.xlogy
+    return xlogy(q, q) - xlogy(q, p) + xlogy(1 - q, 1 - q) - xlogy(1 - q, 1 - p)
+
+
+@jax.custom_jvp
+def _kl_inverse(q: Array, c: Array) -> Array:
+    dtype = q.dtype
+    n_iter = jnp.finfo(dtype).nmant + 3
+    one = jnp.ones_like(q)
+
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = 0.5 * (lo + hi)
+        ok = binary_kl(q, mid) <= c
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    _, hi = jax.lax.fori_loop(0, n_iter, body, (q, one))
+
+    # Newton polish from the right: g(p) = kl(q‖p) - c is convex and increasing on
+    # [q, 1), so Newton steps from above the root stay above it (the bound stays an
+    # upper bound) and converge quadratically.
+    def newton(_, p):
+        g = binary_kl(q, p) - c
+        dg = (p - q) / (p * (1 - p))
+        step = jnp.where((p < 1) & (dg > 0) & jnp.isfinite(g), g / dg, 0)
+        return jnp.maximum(p - jnp.maximum(step, 0), q)
+
+    return jax.lax.fori_loop(0, 2, newton, hi)
+
+
+@_kl_inverse.defjvp
+def _kl_inverse_jvp(primals, tangents):
+    # Implicit function theorem on kl(q‖p) = c:  dp = (dc - ∂_q kl dq) / ∂_p kl.
+    q, c = primals
+    dq, dc = tangents
+    p = _kl_inverse(q, c)
+    interior = p < 1
+    p_safe = jnp.where(interior, p, 0.5)
+    dkl_dp = (p_safe - q) / (p_safe * (1 - p_safe))
+    dkl_dq = jnp.log(q * (1 - p_safe)) - jnp.log(p_safe * (1 - q))
+    dp = jnp.where(interior, (dc - dkl_dq * dq) / dkl_dp, 0)
+    return p, dp
+
+
+def kl_inverse(
+    q: Float[ArrayLike, "*shape"], c: Float[ArrayLike, "*shape"]
+) -> Float[Array, "*shape"]:
+    r"""The upper kl-inverse $\mathrm{kl}^{-1}(q, c) = \sup\{p \in [q, 1] :
+    \mathrm{kl}(q\,\|\,p) \le c\}$, elementwise with broadcasting.
+
+    Computed inside `jit` by bisection to the dtype's precision and two Newton
+    steps from above (so the result never falls below the true value), and
+    differentiated by the implicit function theorem (no differentiation through
+    the iterations).
+    """
+    q, c = jnp.broadcast_arrays(jnp.asarray(q), jnp.asarray(c))
+    dtype = jnp.result_type(q.dtype, c.dtype, float)
+    return _kl_inverse(q.astype(dtype), c.astype(dtype))
+
+
+def _check_range(name: str, x: Array, lo, hi, lo_open: bool, hi_open: bool) -> Array:
+    """Clear errors for out-of-range values: eagerly for concrete values, at run
+    time (eqx.error_if) under jit."""
+    lo_ok = (x > lo) if lo_open else (x >= lo)
+    hi_ok = (x < hi) if hi_open else (x <= hi)
+    interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    msg = f"pac_bayes_bound: {name} must lie in {interval}"
+    if not isinstance(x, jax.core.Tracer):
+        bad = ~np.asarray(lo_ok & hi_ok)
+        if np.any(bad):
+            raise ValueError(f"{msg}; got {np.asarray(x)[bad].ravel()[:3]}")
+        return x
+    return eqx.error_if(x, ~(lo_ok & hi_ok), msg)
+
+
+def pac_bayes_bound(
+    kl: Float[ArrayLike, "*shape"],
+    n: Float[ArrayLike, "*shape"],
+    delta: Float[ArrayLike, "*shape"],
+    *,
+    empirical_risk: Float[ArrayLike, "*shape"] = 0.0,
+    kind: Literal["mcallester", "kl"] = "mcallester",
+) -> Float[Array, "*shape"]:
+    r"""A PAC-Bayesian upper bound on the true risk $R(Q)$ of a posterior $Q$.
+
+    For a loss in $[0, 1]$, a prior $P$ chosen before seeing the sample and
+    $N$ i.i.d. examples, with probability at least $1-\delta$, simultaneously for
+    every posterior $Q$:
+
+    - `kind="mcallester"` (McAllester 1999, in the form of Maurer 2004 with
+      Pinsker's inequality):
+      $$R(Q) \le \hat R(Q) + \sqrt{\frac{\mathrm{KL}(Q\|P) +
+      \ln(2\sqrt N/\delta)}{2N}};$$
+    - `kind="kl"` (Langford & Seeger 2001; Seeger 2002; Maurer 2004):
+      $$\mathrm{kl}(\hat R(Q)\,\|\,R(Q)) \le \frac{\mathrm{KL}(Q\|P) +
+      \ln(2\sqrt N/\delta)}{N},$$ so $R(Q) \le \mathrm{kl}^{-1}(\hat R(Q), \cdot)$
+      ([`jaxou.kl_inverse`][]); never looser than McAllester's.
+
+    The complexity term is $O(\sqrt{\mathrm{KL}/N})$. A value $\ge 1$ is a
+    vacuous bound (it is not clipped, so that gradients stay informative).
+
+    **Arguments:** `kl` ($\ge 0$), `n` ($\ge 1$, real-valued for gradients),
+    `delta` in $(0, 1)$, `empirical_risk` in $[0, 1]$; arrays broadcast. The
+    result is differentiable in every argument.
+
+    **Raises:** `ValueError` naming the argument for values out of range (at run
+    time through `equinox.error_if` under `jit`), or an unknown `kind`.
+
+    **References:** D. McAllester (1999), PAC-Bayesian model averaging, COLT;
+    J. Langford & M. Seeger (2001), Bounds for averaging classifiers, CMU-CS-01-102;
+    A. Maurer (2004), A note on the PAC Bayesian theorem, arXiv:cs/0411099.
+    """
+    if kind not in ("mcallester", "kl"):
+        raise ValueError(
+            f"pac_bayes_bound: unknown kind {kind!r}; use 'mcallester' or 'kl'"
+        )
+    arrays = [jnp.asarray(x) for x in (kl, n, delta, empirical_risk)]
+    dtype = jnp.result_type(*[a.dtype for a in arrays], float)
+    try:
+        kl, n, delta, risk = jnp.broadcast_arrays(*[a.astype(dtype) for a in arrays])
+    except ValueError:
+        shapes = {
+            k: a.shape for k, a in zip(("kl", "n", "delta", "empirical_risk"), arrays)
+        }
+        raise ValueError(
+            f"pac_bayes_bound: shapes do not broadcast: {shapes}"
+        ) from None
+    kl = _check_range("kl", kl, 0, math.inf, False, True)
+    n = _check_range("n", n, 1, math.inf, False, True)
+    delta = _check_range("delta", delta, 0, 1, True, True)
+    risk = _check_range("empirical_risk", risk, 0, 1, False, False)
+    budget = (kl + jnp.log(2 * jnp.sqrt(n) / delta)) / n
+    if kind == "mcallester":
+        return risk + jnp.sqrt(budget / 2)
+    return _kl_inverse(risk, budget)
+
+
+def _law(x, name: str) -> Gaussian:
+    if isinstance(x, Gaussian):
+        return x
+    if isinstance(x, (SGDStage, OUProcess)):
+        return x.stationary()
+    raise TypeError(
+        f"{name} must be a jaxou.Gaussian, SGDStage or OUProcess, got {type(x).__name__}"
+    )
+
+
+def domain_discrepancy(source, target) -> KLDecomposition:
+    r"""How far apart the source and target domains are, as the KL divergence
+    between their stationary laws, split into its two parts:
+
+    $$\mathrm{KL}(\pi_T\|\pi_S) = \underbrace{\tfrac12[\mathrm{tr}(\Sigma_S^{-1}
+    \Sigma_T) - d - \ln\det(\Sigma_S^{-1}\Sigma_T)]}_{\text{covariance discrepancy}}
+    + \underbrace{\tfrac12(\theta^*_T-\theta^*_S)^\top\Sigma_S^{-1}(\theta^*_T-
+    \theta^*_S)}_{\text{shift of the minimum}}.$$
+
+    **Arguments:** `source`, `target`: [`jaxou.Gaussian`][]s (the stationary laws),
+    or [`jaxou.SGDStage`][]s / [`jaxou.OUProcess`][]es whose stationary laws are
+    taken.
+
+    **Returns:** a [`jaxou.KLDecomposition`][] `(total, covariance, shift)`.
+    """
+    return kl_parts(_law(target, "target"), _law(source, "source"))
+
+
+class TwoStageBound(NamedTuple):
+    """The two PAC-Bayes terms of the two-stage model (see [`jaxou.two_stage_bound`][])."""
+
+    pretrain_kl: KLDecomposition  # KL(pretrained ‖ init)
+    finetune_kl: KLDecomposition  # KL(finetuned ‖ pretrained)
+    pretrain_bound: Array  # bound on the source risk
+    finetune_bound: Array  # bound on the target risk
+    pretrain_term: Array  # complexity term = bound - empirical risk
+    finetune_term: Array
+    finetune_dominates: Bool[Array, ""]
+
+
+def two_stage_bound(
+    model: TwoStage,
+    n_source: Float[ArrayLike, ""],
+    n_target: Float[ArrayLike, ""],
+    delta: Float[ArrayLike, ""] = 0.05,
+    *,
+    empirical_risk_source: Float[ArrayLike, ""] = 0.0,
+    empirical_risk_target: Float[ArrayLike, ""] = 0.0,
+    kind: Literal["mcallester", "kl"] = "mcallester",
+) -> TwoStageBound:
+    r"""The PAC-Bayes bound of each stage of a [`jaxou.TwoStage`][] model.
+
+    - Stage 1 (pre-training): posterior = the pre-trained law, prior = the
+      initialisation law (chosen before the source sample), $N = N_S$.
+    - Stage 2 (fine-tuning): posterior = the fine-tuned law, prior = the
+      pre-trained law (it does not depend on the target sample), $N = N_T$.
+
+    Each term is [`jaxou.pac_bayes_bound`][]'s complexity term; with $N_T \ll N_S$
+    the fine-tuning term usually dominates. `finetune_dominates` computes it, it
+    does not assume it. Differentiable in every argument and in the model.
+    """
+    if not isinstance(model, TwoStage):
+        raise TypeError(
+            f"two_stage_bound: model must be a jaxou.TwoStage, got {type(model).__name__}"
+        )
+    pre, fine = model.laws()
+    kl1 = kl_parts(pre, model.init)
+    kl2 = kl_parts(fine, pre)
+    b1 = pac_bayes_bound(
+        kl1.total, n_source, delta, empirical_risk=empirical_risk_source, kind=kind
+    )
+    b2 = pac_bayes_bound(
+        kl2.total, n_target, delta, empirical_risk=empirical_risk_target, kind=kind
+    )
+    t1 = b1 - jnp.asarray(empirical_risk_source, b1.dtype)
+    t2 = b2 - jnp.asarray(empirical_risk_target, b2.dtype)
+    return TwoStageBound(kl1, kl2, b1, b2, t1, t2, t2 > t1)
