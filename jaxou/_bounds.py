@@ -143,20 +143,14 @@ def pac_bayes_bound(
     A. Maurer (2004), A note on the PAC Bayesian theorem, arXiv:cs/0411099.
     """
     if kind not in ("mcallester", "kl"):
-        raise ValueError(
-            f"pac_bayes_bound: unknown kind {kind!r}; use 'mcallester' or 'kl'"
-        )
+        raise ValueError(f"pac_bayes_bound: unknown kind {kind!r}; use 'mcallester' or 'kl'")
     arrays = [jnp.asarray(x) for x in (kl, n, delta, empirical_risk)]
     dtype = jnp.result_type(*[a.dtype for a in arrays], float)
     try:
         kl, n, delta, risk = jnp.broadcast_arrays(*[a.astype(dtype) for a in arrays])
     except ValueError:
-        shapes = {
-            k: a.shape for k, a in zip(("kl", "n", "delta", "empirical_risk"), arrays)
-        }
-        raise ValueError(
-            f"pac_bayes_bound: shapes do not broadcast: {shapes}"
-        ) from None
+        shapes = {k: a.shape for k, a in zip(("kl", "n", "delta", "empirical_risk"), arrays)}
+        raise ValueError(f"pac_bayes_bound: shapes do not broadcast: {shapes}") from None
     kl = _check_range("kl", kl, 0, math.inf, False, True)
     n = _check_range("n", n, 1, math.inf, False, True)
     delta = _check_range("delta", delta, 0, 1, True, True)

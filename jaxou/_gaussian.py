@@ -41,26 +41,19 @@ class Gaussian(eqx.Module):
     mean: Float[Array, "*batch d"]
     cov: Float[Array, "*batch d d"]
 
-    def __init__(
-        self, mean: Float[ArrayLike, "*batch d"], cov: Float[ArrayLike, "*batch d d"]
-    ):
+    def __init__(self, mean: Float[ArrayLike, "*batch d"], cov: Float[ArrayLike, "*batch d d"]):
         mean = as_float_array(mean, "mean")
         cov = as_float_array(cov, "cov")
         if mean.ndim < 1:
             raise ValueError(f"Gaussian: mean must be [..., d], got shape {mean.shape}")
         if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
-            raise ValueError(
-                f"Gaussian: cov must be [..., d, d], got shape {cov.shape}"
-            )
+            raise ValueError(f"Gaussian: cov must be [..., d, d], got shape {cov.shape}")
         if cov.shape[-1] != mean.shape[-1]:
             raise ValueError(
-                f"Gaussian: mean has dimension {mean.shape[-1]} but cov is "
-                f"{cov.shape[-2:]}"
+                f"Gaussian: mean has dimension {mean.shape[-1]} but cov is {cov.shape[-2:]}"
             )
         if mean.dtype != cov.dtype:
-            raise TypeError(
-                f"Gaussian: mean is {mean.dtype} but cov is {cov.dtype}; use one dtype"
-            )
+            raise TypeError(f"Gaussian: mean is {mean.dtype} but cov is {cov.dtype}; use one dtype")
         try:
             batch = jnp.broadcast_shapes(mean.shape[:-1], cov.shape[:-2])
         except ValueError:

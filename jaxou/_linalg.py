@@ -212,9 +212,7 @@ def lyapunov(
     *,
     method: Literal["auto", "eigh", "sign", "kron"] = "auto",
     throw: bool = True,
-) -> (
-    Float[Array, "*batch d d"] | tuple[Float[Array, "*batch d d"], Int[Array, "*batch"]]
-):
+) -> Float[Array, "*batch d d"] | tuple[Float[Array, "*batch d d"], Int[Array, "*batch"]]:
     r"""Solve the continuous Lyapunov equation $A X + X A^\top = Q$.
 
     This is SciPy's convention (`scipy.linalg.solve_continuous_lyapunov(A, Q)`).
@@ -279,9 +277,7 @@ def lyapunov(
     Q = as_float_array(Q, "Q")
     for name, M in (("A", A), ("Q", Q)):
         if M.ndim < 2 or M.shape[-1] != M.shape[-2]:
-            raise ValueError(
-                f"lyapunov: {name} must be [..., d, d] square, got {M.shape}"
-            )
+            raise ValueError(f"lyapunov: {name} must be [..., d, d] square, got {M.shape}")
     if A.shape[-1] != Q.shape[-1]:
         raise ValueError(f"lyapunov: A is {A.shape[-2:]} but Q is {Q.shape[-2:]}")
     _common_float_dtype("A", A, "Q", Q)
@@ -289,8 +285,7 @@ def lyapunov(
         batch = jnp.broadcast_shapes(A.shape[:-2], Q.shape[:-2])
     except ValueError:
         raise ValueError(
-            f"lyapunov: batch shapes of A {A.shape[:-2]} and Q {Q.shape[:-2]} do not "
-            "broadcast"
+            f"lyapunov: batch shapes of A {A.shape[:-2]} and Q {Q.shape[:-2]} do not broadcast"
         ) from None
     d = A.shape[-1]
     A = jnp.broadcast_to(A, batch + (d, d)).reshape(-1, d, d)
@@ -331,9 +326,7 @@ def _flow_symmetric(A: Array, D: Array, t: Array) -> tuple[Array, Array]:
     lam, V = jnp.linalg.eigh(0.5 * (A + A.T))
     s = lam[:, None] + lam[None, :]
     # -expm1(-s t)/s; at t = inf this is 1/s exactly.
-    g = jnp.where(
-        jnp.isinf(t), 1.0 / s, -jnp.expm1(-s * jnp.where(jnp.isinf(t), 0, t)) / s
-    )
+    g = jnp.where(jnp.isinf(t), 1.0 / s, -jnp.expm1(-s * jnp.where(jnp.isinf(t), 0, t)) / s)
     F = (V * jnp.exp(-lam * t)[None, :]) @ V.T
     Sigma = V @ ((V.T @ D @ V) * g) @ V.T
     Sigma = eqx.error_if(

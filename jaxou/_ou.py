@@ -76,23 +76,15 @@ class OUProcess(eqx.Module):
         mean = as_float_array(mean, "mean")
         diffusion = as_float_array(diffusion, "diffusion")
         if drift.ndim != 2 or drift.shape[0] != drift.shape[1]:
-            raise ValueError(
-                f"OUProcess: drift must be a [d, d] matrix, got {drift.shape}"
-            )
+            raise ValueError(f"OUProcess: drift must be a [d, d] matrix, got {drift.shape}")
         d = drift.shape[0]
         if mean.shape != (d,):
-            raise ValueError(
-                f"OUProcess: mean must have shape ({d},), got {mean.shape}"
-            )
+            raise ValueError(f"OUProcess: mean must have shape ({d},), got {mean.shape}")
         if diffusion.ndim != 2 or diffusion.shape[0] != d:
-            raise ValueError(
-                f"OUProcess: diffusion must be [{d}, m], got {diffusion.shape}"
-            )
+            raise ValueError(f"OUProcess: diffusion must be [{d}, m], got {diffusion.shape}")
         for name, x in (("mean", mean), ("diffusion", diffusion)):
             if x.dtype != drift.dtype:
-                raise TypeError(
-                    f"OUProcess: drift is {drift.dtype} but {name} is {x.dtype}"
-                )
+                raise TypeError(f"OUProcess: drift is {drift.dtype} but {name} is {x.dtype}")
         self.drift = drift
         self.mean = mean
         self.diffusion = diffusion
@@ -149,9 +141,7 @@ class OUProcess(eqx.Module):
         dt = eqx.error_if(dt, dt <= 0, "transition: dt must be > 0")
         return ou_flow(self.drift, self.diffusion_cov, dt)
 
-    def transition_sample(
-        self, key, x: Float[Array, "... d"], dt
-    ) -> Float[Array, "... d"]:
+    def transition_sample(self, key, x: Float[Array, "... d"], dt) -> Float[Array, "... d"]:
         """One exact step from states `x` (any leading shape)."""
         F, S = self.transition(dt)
         step = Gaussian(jnp.zeros(self.dim, x.dtype), S)

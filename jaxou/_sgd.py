@@ -42,9 +42,7 @@ def _check_matrix(name: str, M: Array, d: int, *, definite: bool) -> None:
             "the loss must be locally strictly convex at the minimum"
         )
     if not definite and lam[0] < -tol:
-        raise ValueError(
-            f"{name} is not positive semi-definite (smallest eigenvalue {lam[0]:.3g})"
-        )
+        raise ValueError(f"{name} is not positive semi-definite (smallest eigenvalue {lam[0]:.3g})")
 
 
 class SGDStage(eqx.Module):
@@ -96,29 +94,21 @@ class SGDStage(eqx.Module):
             if x.dtype != dtype:
                 raise TypeError(f"SGDStage: hessian is {dtype} but {name} is {x.dtype}")
         if minimum.ndim != 1:
-            raise ValueError(
-                f"SGDStage: minimum must be a vector [d], got {minimum.shape}"
-            )
+            raise ValueError(f"SGDStage: minimum must be a vector [d], got {minimum.shape}")
         d = minimum.shape[0]
         lr = jnp.asarray(lr, dtype)
         batch_size = jnp.asarray(batch_size, dtype)
         for name, x in (("lr", lr), ("batch_size", batch_size)):
             if x.shape != ():
-                raise ValueError(
-                    f"SGDStage: {name} must be a scalar, got shape {x.shape}"
-                )
+                raise ValueError(f"SGDStage: {name} must be a scalar, got shape {x.shape}")
         if _is_concrete(hessian):
             _check_matrix("SGDStage: hessian", hessian, d, definite=True)
         elif hessian.shape != (d, d):
-            raise ValueError(
-                f"SGDStage: hessian must be [{d}, {d}], got {hessian.shape}"
-            )
+            raise ValueError(f"SGDStage: hessian must be [{d}, {d}], got {hessian.shape}")
         if _is_concrete(noise_cov):
             _check_matrix("SGDStage: noise_cov", noise_cov, d, definite=False)
         elif noise_cov.shape != (d, d):
-            raise ValueError(
-                f"SGDStage: noise_cov must be [{d}, {d}], got {noise_cov.shape}"
-            )
+            raise ValueError(f"SGDStage: noise_cov must be [{d}, {d}], got {noise_cov.shape}")
         for name, x in (("lr", lr), ("batch_size", batch_size)):
             if _is_concrete(x):
                 if not float(x) > 0 or not math.isfinite(float(x)):
@@ -126,9 +116,7 @@ class SGDStage(eqx.Module):
                         f"SGDStage: {name} must be positive and finite, got {float(x)}"
                     )
         lr = eqx.error_if(lr, ~(lr > 0), "SGDStage: lr must be > 0")
-        batch_size = eqx.error_if(
-            batch_size, ~(batch_size > 0), "SGDStage: batch_size must be > 0"
-        )
+        batch_size = eqx.error_if(batch_size, ~(batch_size > 0), "SGDStage: batch_size must be > 0")
         self.hessian = hessian
         self.noise_cov = noise_cov
         self.minimum = minimum
@@ -150,9 +138,7 @@ class SGDStage(eqx.Module):
         $\sqrt{\eta/B}\,C^{1/2}$ (symmetric square root through `eigh`)."""
         lam, V = jnp.linalg.eigh(self.noise_cov)
         root = (V * jnp.sqrt(jnp.clip(lam, 0))) @ V.T
-        return OUProcess(
-            self.hessian, self.minimum, jnp.sqrt(self.lr / self.batch_size) * root
-        )
+        return OUProcess(self.hessian, self.minimum, jnp.sqrt(self.lr / self.batch_size) * root)
 
     def stationary(self) -> Gaussian:
         r"""$N(\theta^*, \Sigma_\infty)$, $H\Sigma_\infty + \Sigma_\infty H =
@@ -208,9 +194,7 @@ class TwoStage(eqx.Module):
         t_finetune=float("inf"),
     ):
         if not isinstance(init, Gaussian):
-            raise TypeError(
-                f"TwoStage: init must be a jaxou.Gaussian, got {type(init).__name__}"
-            )
+            raise TypeError(f"TwoStage: init must be a jaxou.Gaussian, got {type(init).__name__}")
         for name, s in (("pretrain", pretrain), ("finetune", finetune)):
             if not isinstance(s, SGDStage):
                 raise TypeError(
@@ -222,21 +206,15 @@ class TwoStage(eqx.Module):
                 f"finetune {finetune.dim})"
             )
         if init.batch_shape != ():
-            raise ValueError(
-                f"TwoStage: init must be a single law, got batch {init.batch_shape}"
-            )
+            raise ValueError(f"TwoStage: init must be a single law, got batch {init.batch_shape}")
         dtype = pretrain.hessian.dtype
         ts = []
         for name, t in (("t_pretrain", t_pretrain), ("t_finetune", t_finetune)):
             t = jnp.asarray(t, dtype)
             if t.shape != ():
-                raise ValueError(
-                    f"TwoStage: {name} must be a scalar, got shape {t.shape}"
-                )
+                raise ValueError(f"TwoStage: {name} must be a scalar, got shape {t.shape}")
             if _is_concrete(t) and not float(t) >= 0:
-                raise ValueError(
-                    f"TwoStage: {name} must be >= 0 (or inf), got {float(t)}"
-                )
+                raise ValueError(f"TwoStage: {name} must be >= 0 (or inf), got {float(t)}")
             ts.append(eqx.error_if(t, ~(t >= 0), f"TwoStage: {name} must be >= 0"))
         self.init = init
         self.pretrain = pretrain
