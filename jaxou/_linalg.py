@@ -18,6 +18,7 @@ exact for repeated eigenvalues (an isotropic Hessian, say).
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from typing import Literal
 
@@ -202,7 +203,9 @@ def _solve_one(A: Array, Q: Array, method: str) -> tuple[Array, Array]:
     )
 
 
+@functools.partial(jax.jit, static_argnames="method")
 def _solve_batch(A: Array, Q: Array, method: str) -> tuple[Array, Array]:
+    # Jitted so that eager calls (the common interactive use) hit the compile cache.
     return jax.vmap(lambda a, q: _solve_one(a, q, method))(A, Q)
 
 
