@@ -18,5 +18,6 @@ from ._gaussian import (
 from ._linalg import LyapunovStatus as LyapunovStatus, lyapunov as lyapunov
 from ._ou import OUDiffusion as OUDiffusion, OUDrift as OUDrift, OUProcess as OUProcess
 from ._sgd import SGDStage as SGDStage, TwoStage as TwoStage
+from ._simulate import Simulation as Simulation, simulate as simulate
 
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from ._gaussian import Gaussian, KLDecomposition, kl_parts
+from ._numerics import expm1mx, log1p
 from ._ou import OUProcess
 from ._sgd import SGDStage, TwoStage
 
@@ -27,11 +28,24 @@ __all__ = [
 
 def binary_kl(q: ArrayLike, p: ArrayLike) -> Array:
     r"""$\mathrm{kl}(q\,\|\,p) = q\ln\frac qp + (1-q)\ln\frac{1-q}{1-p}$, the KL
-    divergence between Bernoulli laws, with $0\ln 0 = 0$."""
-    q = jnp.asarray(q)
-    p = jnp.asarray(p)
-    xlogy = jax.scipy.special.xlogy
-    return xlogy(q, q) - xlogy(q, p) + xlogy(1 - q, 1 - q) - xlogy(1 - q, 1 - p)
+    divergence between Bernoulli laws, with $0\ln 0 = 0$.
+
+    Written as $q\,\varphi(\ln\frac pq) + (1-q)\,\varphi(\ln\frac{1-p}{1-q})$ with
+    $\varphi(u) = e^u - 1 - u \ge 0$ (the two forms agree because
+    $q\frac pq + (1-q)\frac{1-p}{1-q} = 1$): a sum of non-negative terms, so
+    $\mathrm{kl}$ keeps its relative accuracy when $p$ is close to $q$, where the
+    textbook form cancels.
+    """
+    q, p = jnp.broadcast_arrays(jnp.asarray(q), jnp.asarray(p))
+    dtype = jnp.result_type(q.dtype, p.dtype, float)
+    q, p = q.astype(dtype), p.astype(dtype)
+    inner = (q > 0) & (q < 1)
+    qs = jnp.where(inner, q, 0.5)
+    a = q * expm1mx(log1p((p - qs) / qs))
+    b = (1 - q) * expm1mx(log1p((qs - p) / (1 - qs)))
+    general = a + b
+    # q = 0: kl = -ln(1-p);  q = 1: kl = -ln p.
+    return jnp.where(q <= 0, -log1p(-p), jnp.where(q >= 1, -jnp.log(p), general))
 
 
 @jax.custom_jvp
@@ -57,7 +71,15 @@ def _kl_inverse(q: Array, c: Array) -> Array:
         step = jnp.where((p < 1) & (dg > 0) & jnp.isfinite(g), g / dg, 0)
         return jnp.maximum(p - jnp.maximum(step, 0), q)
 
-    return jax.lax.fori_loop(0, 2, newton, hi)
+    p = jax.lax.fori_loop(0, 2, newton, hi)
+
+    # Rounding can leave p an ulp or two below the root: step up ulp by ulp until
+    # kl(q‖p) >= c, so that the result stays an upper bound to the last digit.
+    def nudge(_, p):
+        below = (binary_kl(q, p) < c) & (p < 1)
+        return jnp.where(below, jnp.nextafter(p, one), p)
+
+    return jax.lax.fori_loop(0, 4, nudge, p)
 
 
 @_kl_inverse.defjvp

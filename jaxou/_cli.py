@@ -44,6 +44,7 @@ __all__ = [
     "check_output_dir",
     "jsonable",
     "enable_x64",
+    "library_message",
 ]
 
 # The subcommands, in the order `jaxou --help` lists them. Add yours here.
@@ -123,7 +124,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _library_message(err: BaseException) -> str | None:
+def library_message(err: BaseException) -> str | None:
     """The readable part of a library error, or None if it is not one."""
     if isinstance(err, (ValueError, TypeError)):
         return _one_line(str(err)) or type(err).__name__
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if debug:
             raise
-        message = _library_message(err)
+        message = library_message(err)
         if message is not None:
             _report("error: ", message)
             return EXIT_USAGE

@@ -112,7 +112,6 @@ def _solve_impl(model, n_source, n_target, delta, risk_source, risk_target):
             "source": _law_stats(jnp, source_law, eig["source"]),
             "target": _law_stats(jnp, target_law, eig["target"]),
         },
-        "spectra": eig,
     }
     end = {}
     for name, law, stage, stationary in (
@@ -481,6 +480,30 @@ def _nonfinite(summary: dict, prefix: str = "") -> list[str]:
     return bad
 
 
+def _with_hint(err: Exception, model) -> Exception:
+    """Add the likely cause to a failure of the solve: a singular noise
+    covariance makes a law degenerate (a KL divergence infinite)."""
+    import numpy as np
+
+    from ._cli import library_message
+
+    message = library_message(err)
+    if message is None:
+        return err
+    singular = [
+        name
+        for name, stage in (("pretrain", model.pretrain), ("finetune", model.finetune))
+        if np.linalg.eigvalsh(np.asarray(stage.noise_cov))[0] <= 0
+    ]
+    hint = (
+        f" ({' and '.join(f'{n}.noise_cov' for n in singular)} is singular, so a law "
+        "degenerates and a KL divergence is infinite; make it positive definite)"
+        if singular
+        else ""
+    )
+    return ValueError(f"{message}{hint}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ._cli import Progress, check_output_dir, write_atomic
 
@@ -504,7 +527,10 @@ def run(args: argparse.Namespace) -> int:
         if stage.duration == 0:
             progress.info(f"note: {name}.duration = 0, that stage does not move its law")
     with progress("solving (stationary laws, end-of-stage laws, bounds)"):
-        numbers = solve(model, info)
+        try:
+            numbers = solve(model, info)
+        except Exception as err:
+            raise _with_hint(err, model) from err
         summary = summarise(model, info, numbers)
         arrs = arrays(model, info, numbers)
     for name in ("pretrain", "finetune"):

@@ -46,6 +46,7 @@ __all__ = [
     "SCHEMA",
     "SIMULATE_METHODS",
     "BOUND_KINDS",
+    "ALIASES",
     "default_config",
     "load_config",
     "parse_override",
@@ -469,8 +470,44 @@ def _check_cross_fields(sections: dict[str, dict[str, Any]], given: dict[str, se
 # Loading.
 
 
+# Names people reach for, mapped to ours (checked before the spelling distance).
+ALIASES = {
+    "learning_rate": "lr",
+    "eta": "lr",
+    "step_size": "lr",
+    "batch": "batch_size",
+    "bs": "batch_size",
+    "b": "batch_size",
+    "t": "duration",
+    "time": "duration",
+    "t_pretrain": "duration",
+    "t_finetune": "duration",
+    "n": "n_samples",
+    "n_source": "n_samples",
+    "n_target": "n_samples",
+    "sigma0": "std",
+    "sigma": "std",
+    "d": "dim",
+    "dimension": "dim",
+    "h": "hessian",
+    "c": "noise_cov",
+    "noise": "noise_cov",
+    "theta_star": "minimum",
+    "min": "minimum",
+    "out": "dir",
+    "output_dir": "dir",
+    "confidence": "delta",
+    "paths": "n_paths",
+    "solver": "method",
+}
+
+
 def _closest(word: str, candidates) -> str | None:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    candidates = list(candidates)
+    alias = ALIASES.get(word.lower())
+    if alias in candidates:
+        return alias
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return close[0] if close else None
 
 
@@ -494,12 +531,17 @@ def _validate(raw: Mapping[str, Any], source: str | None) -> Config:
         for key in content:
             if key not in SCHEMA[table]:
                 close = _closest(key, SCHEMA[table])
-                if close is None:
+                if close is not None:
+                    hint = f" (did you mean {table}.{close}?)"
+                else:
                     # The key may belong to another table.
                     owners = [t for t, fields in SCHEMA.items() if key in fields]
-                    hint = f" (it belongs in [{owners[0]}])" if owners else ""
-                else:
-                    hint = f" (did you mean {table}.{close}?)"
+                    valid = ", ".join(SCHEMA[table])
+                    hint = (
+                        f" (it belongs in {' or '.join(f'[{o}]' for o in owners)})"
+                        if owners
+                        else f"; valid keys of [{table}]: {valid}"
+                    )
                 raise ConfigError(f"unknown key {table}.{key}{hint}")
     sections: dict[str, dict[str, Any]] = {}
     given: dict[str, set] = {}
@@ -542,7 +584,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     path, value_text = text.split("=", 1)
     path = path.strip()
     if path.count(".") != 1 or not all(path.split(".")):
-        raise ConfigError(f"override {text!r}: the key must look like table.key, got {path!r}")
+        owners = [f"{t}.{path}" for t, fields in SCHEMA.items() if path in fields]
+        hint = f" (e.g. {' or '.join(owners)})" if owners else ""
+        raise ConfigError(
+            f"override {text!r}: the key must look like table.key, got {path!r}{hint}"
+        )
     table, key = path.split(".")
     tomllib = _toml()
     try:

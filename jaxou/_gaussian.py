@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._linalg import as_float_array
+from ._numerics import expm1mx as _phi
 
 __all__ = ["Gaussian", "KLDecomposition", "kl", "kl_parts", "w2"]
 
@@ -114,15 +115,6 @@ class Gaussian(eqx.Module):
     def kl(self, other: Gaussian) -> Float[Array, "*batch"]:
         """KL(self ‖ other); see [`jaxou.kl`][]."""
         return kl_parts(self, other).total
-
-
-def _phi(u: Array) -> Array:
-    """e^u - 1 - u ≥ 0 with full relative accuracy (Taylor series for small |u|)."""
-    small = jnp.abs(u) < 1e-2
-    us = jnp.where(small, u, 0)
-    series = us**2 * (0.5 + us * (1 / 6 + us * (1 / 24 + us * (1 / 120 + us / 720))))
-    ul = jnp.where(small, 1.0, u)
-    return jnp.where(small, series, jnp.expm1(ul) - ul)
 
 
 def kl_parts(p: Gaussian, q: Gaussian) -> KLDecomposition:

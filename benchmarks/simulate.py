@@ -1,0 +1,401 @@
+"""Benchmark: jaxou.simulate against a hand-written JAX scan loop, the RNG bound,
+torchsde, NumPy and sdeint, on OU ensembles (float32, 1000 steps).
+
+    .venv/bin/python benchmarks/simulate.py            # full run (a few minutes)
+    .venv/bin/python benchmarks/simulate.py --quick    # smoke run
+
+Every variant integrates dX = -A(X - mu) dt + G dW with Euler–Maruyama at the same
+dt from the same start, in two modes: "final" (final state only) and "stats10"
+(mean and covariance of the ensemble every 10 steps). Timings are interleaved
+(round-robin over variants, `--repeats` rounds), after a warm-up call that also
+gives the compile time; we report medians and the spread (min-max). Accuracy is
+checked before any time is reported: each JAX variant's final mean/covariance
+must agree with the exact law of the Euler chain within 5 standard errors.
+
+Writes benchmarks/results/simulate.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+
+def _problem(d: int, seed: int = 0):
+    r = np.random.default_rng(seed)
+    Q = np.linalg.qr(r.normal(size=(d, d)))[0]
+    A = (Q * np.linspace(0.5, 2.0, d)) @ Q.T
+    G = 0.3 * np.eye(d) + 0.05 * r.normal(size=(d, d))
+    mu = r.normal(size=d)
+    return A.astype(np.float32), mu.astype(np.float32), G.astype(np.float32)
+
+
+def _euler_law(A, mu, G, x0, dt, steps):
+    """Exact mean and covariance of the Euler chain (float64)."""
+    A, mu, G = (np.asarray(x, np.float64) for x in (A, mu, G))
+    M = np.eye(len(mu)) - dt * A
+    m, S = np.asarray(x0, np.float64) - mu, np.zeros((len(mu), len(mu)))
+    D = dt * G @ G.T
+    for _ in range(steps):
+        m = M @ m
+        S = M @ S @ M.T + D
+    return m + mu, S
+
+
+# ---------------------------------------------------------------------------
+# Variants: each is make(...) -> (run() -> (mean, cov) as NumPy, path-steps per call)
+
+
+def jax_variants(d, n, steps, dt, mode):
+    import diffrax
+    import jax
+    import jax.numpy as jnp
+
+    import jaxou
+
+    A, mu, G = _problem(d)
+    Aj, muj, Gj = jnp.asarray(A), jnp.asarray(mu), jnp.asarray(G)
+    x0 = np.zeros(d, np.float32)
+    T = steps * dt
+    every = 10 if mode == "stats10" else steps
+    ts = np.arange(1, steps // every + 1) * every * dt if mode == "stats10" else None
+
+    def stats(y):
+        m = y.mean(0)
+        c = (y - m).T @ (y - m) / (y.shape[0] - 1)
+        return m, c
+
+    @jax.jit
+    def scan_em(key):
+        def outer(y, k):
+            def body(y, kk):
+                dw = jax.random.normal(kk, y.shape, y.dtype) * jnp.sqrt(jnp.float32(dt))
+                return y - dt * (y - muj) @ Aj.T + dw @ Gj.T, None
+
+            y, _ = jax.lax.scan(body, y, jax.random.split(k, every))
+            return y, stats(y) if mode == "stats10" else None
+
+        y0 = jnp.zeros((n, d), jnp.float32)
+        y, _ = jax.lax.scan(outer, y0, jax.random.split(key, steps // every))
+        return stats(y)
+
+    @jax.jit
+    def rng_only(key):
+        def body(acc, k):
+            return acc + jax.random.normal(k, (n, d), jnp.float32), None
+
+        acc, _ = jax.lax.scan(body, jnp.zeros((n, d), jnp.float32), jax.random.split(key, steps))
+        return acc.mean(0), jnp.zeros((d, d))
+
+    proc = jaxou.OUProcess(Aj, muj, Gj)
+
+    def jaxou_run(method):
+        def run(key):
+            sim = jaxou.simulate(
+                proc, key, n_paths=n, dt=dt, t1=T, initial=x0, method=method, ts=ts
+            )
+            return sim.mean[-1], sim.cov[-1]
+
+        return run
+
+    out = {
+        "jax_scan": scan_em,
+        "jax_rng_only": rng_only,
+        "jaxou_euler": jaxou_run("euler"),
+        "jaxou_diffrax_euler": jaxou_run(diffrax.Euler()),
+    }
+    if mode == "final":
+        out["jaxou_shark"] = jaxou_run("shark")
+        out["jaxou_exact"] = jaxou_run("exact")
+    keys = iter(range(10_000))
+
+    def wrap(f):
+        def call():
+            r = f(jax.random.key(next(keys)))
+            return tuple(np.asarray(jax.block_until_ready(x)) for x in r)
+
+        return call
+
+    return {k: wrap(f) for k, f in out.items()}
+
+
+def torch_variant(d, n, steps, dt, mode):
+    import torch
+    import torchsde
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    A, mu, G = (torch.from_numpy(x) for x in _problem(d))
+
+    class SDE(torch.nn.Module):
+        noise_type = "additive"
+        sde_type = "ito"
+
+        def f(self, t, y):
+            return -(y - mu) @ A.T
+
+        def g(self, t, y):
+            return G.expand(y.shape[0], d, d)
+
+    sde = SDE()
+    every = 10 if mode == "stats10" else steps
+    ts = torch.linspace(0, steps * dt, steps // every + 1)
+
+    def call():
+        with torch.no_grad():
+            ys = torchsde.sdeint(sde, torch.zeros(n, d), ts, dt=dt, method="euler")
+            if mode == "stats10":
+                for y in ys[1:]:
+                    m = y.mean(0)
+                    _ = (y - m).T @ (y - m)
+            y = ys[-1].double().numpy()
+        return y.mean(0), np.cov(y.T)
+
+    return call
+
+
+def numpy_variant(d, n, steps, dt, mode):
+    A, mu, G = _problem(d)
+    rng = np.random.default_rng(0)
+    sq = np.float32(math.sqrt(dt))
+
+    def call():
+        y = np.zeros((n, d), np.float32)
+        for k in range(steps):
+            dw = rng.standard_normal((n, d), np.float32) * sq
+            y = y - dt * (y - mu) @ A.T + dw @ G.T
+            if mode == "stats10" and (k + 1) % 10 == 0:
+                m = y.mean(0)
+                _ = (y - m).T @ (y - m)
+        return y.mean(0), np.cov(y.T.astype(np.float64))
+
+    return call
+
+
+def sdeint_rate(d, steps, dt, n_paths=3):
+    import sdeint
+
+    A, mu, G = (x.astype(np.float64) for x in _problem(d))
+    tspan = np.linspace(0, steps * dt, steps + 1)
+    f = lambda y, t: -A @ (y - mu)
+    g = lambda y, t: G
+    t0 = time.perf_counter()
+    for i in range(n_paths):
+        sdeint.itoEuler(f, g, np.zeros(d), tspan, generator=np.random.default_rng(i))
+    return n_paths * steps / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------
+# Peak memory: streamed statistics over 10^4 steps vs the final state only.
+
+_MEM_SCRIPT = """
+import resource, sys, time, numpy as np, jax
+import jaxou
+sys.path.insert(0, {here!r})
+from simulate import _problem
+d, n, steps, dt, mode = {d}, {n}, {steps}, {dt}, {mode!r}
+A, mu, G = _problem(d)
+proc = jaxou.OUProcess(A, mu, G)
+ts = None if mode == "final" else np.arange(1, steps // 10 + 1) * 10 * dt
+sim = jaxou.simulate(proc, jax.random.key(0), n_paths=n, dt=dt, t1=steps * dt,
+                     initial=np.zeros(d, np.float32), ts=ts)
+jax.block_until_ready(sim.cov)
+print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mb(d, n, steps, dt, mode):
+    code = _MEM_SCRIPT.format(here=HERE, d=d, n=n, steps=steps, dt=dt, mode=mode)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    kb = [ln for ln in out.stdout.splitlines() if ln.startswith("MAXRSS_KB")][0].split()[1]
+    return int(kb) / 1024
+
+
+# ---------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=RESULTS)
+    args = parser.parse_args(argv)
+
+    import jax
+
+    steps, dt = (100, 0.01) if args.quick else (1000, 0.01)
+    sizes = [(2, 100_000), (16, 4096), (128, 1024)]
+    if args.quick:
+        sizes = [(2, 4096), (16, 1024)]
+    repeats = 2 if args.quick else args.repeats
+    rows = []
+    for d, n in sizes:
+        for mode in ("final", "stats10"):
+            variants = jax_variants(d, n, steps, dt, mode)
+            variants["torchsde"] = torch_variant(d, n, steps, dt, mode)
+            variants["numpy"] = numpy_variant(d, n, steps, dt, mode)
+            A, mu, G = _problem(d)
+            m_ref, S_ref = _euler_law(A, mu, G, np.zeros(d), dt, steps)
+            compile_s, times = {}, {k: [] for k in variants}
+            for name, call in variants.items():
+                t0 = time.perf_counter()
+                mean, cov = call()
+                compile_s[name] = time.perf_counter() - t0
+                if name not in ("jax_rng_only",) and not name.endswith("exact"):
+                    se = np.sqrt(np.diag(S_ref) / n)
+                    z = np.max(np.abs(mean - m_ref) / se)
+                    assert z < 6, f"{name} (d={d}, n={n}, {mode}): mean off by {z:.1f} SE"
+                    rel = np.max(np.abs(np.diag(cov) - np.diag(S_ref)) / np.diag(S_ref))
+                    assert rel < 6 * math.sqrt(2 / n) + 1e-3, f"{name}: variance off by {rel:.3g}"
+            for _ in range(repeats):
+                for name, call in variants.items():
+                    t0 = time.perf_counter()
+                    call()
+                    times[name].append(time.perf_counter() - t0)
+            for name in variants:
+                med = float(np.median(times[name]))
+                rows.append(
+                    dict(
+                        d=d, n_paths=n, mode=mode, variant=name, median_s=med,
+                        min_s=float(np.min(times[name])), max_s=float(np.max(times[name])),
+                        path_steps_per_s=n * steps / med,
+                        first_call_s=compile_s[name],
+                    )
+                )
+                print(f"d={d:4d} n={n:6d} {mode:8s} {name:22s} {n * steps / med / 1e6:8.2f} "
+                      f"M path-steps/s  (first call {compile_s[name]:.2f} s)", flush=True)
+            del variants
+    sde_rates = {d: sdeint_rate(d, min(steps, 200), dt) for d, _ in sizes}
+
+    mem_steps = 1000 if args.quick else 10_000
+    mem = {}
+    for mode in ("final", "stats10"):
+        mem[mode] = peak_rss_mb(16, 4096, mem_steps, 0.001, mode)
+    mem_ratio = mem["stats10"] / mem["final"]
+
+    # Ratios (per size and mode) against the scan loop, torchsde, NumPy, sdeint.
+    summary = []
+    for d, n in sizes:
+        for mode in ("final", "stats10"):
+            get = {r["variant"]: r for r in rows if r["d"] == d and r["mode"] == mode}
+            e = get["jaxou_euler"]["path_steps_per_s"]
+            summary.append(
+                dict(
+                    d=d, n_paths=n, mode=mode,
+                    jaxou_euler_mps=e / 1e6,
+                    vs_scan=e / get["jax_scan"]["path_steps_per_s"],
+                    vs_rng_bound=e / get["jax_rng_only"]["path_steps_per_s"],
+                    vs_diffrax_euler=e / get["jaxou_diffrax_euler"]["path_steps_per_s"],
+                    vs_torchsde=e / get["torchsde"]["path_steps_per_s"],
+                    vs_numpy=e / get["numpy"]["path_steps_per_s"],
+                    vs_sdeint=e / sde_rates[d],
+                    first_call_s=get["jaxou_euler"]["first_call_s"],
+                )
+            )
+
+    import diffrax
+    import equinox
+    import torch
+
+    meta = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        machine=platform.platform(), processor=platform.processor(),
+        cpus=os.cpu_count(), python=platform.python_version(),
+        jax=jax.__version__, diffrax=diffrax.__version__, equinox=equinox.__version__,
+        torch=torch.__version__, numpy=np.__version__, backend=jax.default_backend(),
+        dtype="float32", steps=steps, dt=dt, repeats=repeats, quick=args.quick,
+        loadavg=os.getloadavg(),
+    )
+    result = dict(meta=meta, rows=rows, summary=summary, sdeint_path_steps_per_s=sde_rates,
+                  peak_rss_mb=mem, peak_rss_ratio_stats_vs_final=mem_ratio,
+                  peak_rss_steps=mem_steps)
+    os.makedirs(args.out, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    with open(os.path.join(args.out, f"simulate{suffix}.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    lines = [
+        "# jaxou.simulate benchmark",
+        "",
+        f"{meta['date']}, {meta['machine']}, {meta['cpus']} CPUs, JAX {meta['jax']}, "
+        f"Diffrax {meta['diffrax']}, Equinox {meta['equinox']}, torch {meta['torch']}, "
+        f"NumPy {meta['numpy']}; float32, {steps} steps, medians of {repeats} interleaved "
+        f"rounds; load average at the end {meta['loadavg'][0]:.1f}.",
+        "",
+        "| d | paths | mode | jaxou Euler (M path-steps/s) | vs scan loop | vs RNG bound "
+        "| vs diffrax.Euler | vs torchsde | vs NumPy | vs sdeint | first call (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['d']} | {s['n_paths']} | {s['mode']} | {s['jaxou_euler_mps']:.2f} | "
+            f"{s['vs_scan']:.2f}× | {s['vs_rng_bound']:.2f}× | {s['vs_diffrax_euler']:.2f}× | "
+            f"{s['vs_torchsde']:.1f}× | {s['vs_numpy']:.1f}× | {s['vs_sdeint']:.0f}× | "
+            f"{s['first_call_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "All variants (M path-steps/s, median [min-max of the per-call rate]):",
+        "",
+        "| d | paths | mode | variant | M path-steps/s | spread | first call (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["n_paths"] * steps / r["max_s"] / 1e6, r["n_paths"] * steps / r["min_s"] / 1e6
+        lines.append(
+            f"| {r['d']} | {r['n_paths']} | {r['mode']} | {r['variant']} | "
+            f"{r['path_steps_per_s'] / 1e6:.2f} | {lo:.2f}-{hi:.2f} | {r['first_call_s']:.2f} |"
+        )
+    lines += [
+        "",
+        f"sdeint (one path at a time, extrapolated per path-step): "
+        + ", ".join(f"d={d}: {v / 1e6:.4f} M/s" for d, v in sde_rates.items()),
+        "",
+        f"Peak RSS over {mem_steps} steps (d=16, 4096 paths, subprocesses): final state only "
+        f"{mem['final']:.0f} MB, statistics every 10 steps {mem['stats10']:.0f} MB "
+        f"(ratio {mem_ratio:.2f}).",
+    ]
+    with open(os.path.join(args.out, f"simulate{suffix}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+        for ax, mode in zip(axes, ("final", "stats10")):
+            names = sorted({r["variant"] for r in rows if r["mode"] == mode})
+            x = np.arange(len(sizes))
+            w = 0.8 / len(names)
+            for i, name in enumerate(names):
+                vals = [
+                    next(r["path_steps_per_s"] for r in rows
+                         if r["d"] == d and r["mode"] == mode and r["variant"] == name) / 1e6
+                    for d, _ in sizes
+                ]
+                ax.bar(x + i * w, vals, w, label=name)
+            ax.set_xticks(x + 0.4 - w / 2, [f"d={d}\n{n} paths" for d, n in sizes])
+            ax.set_yscale("log")
+            ax.set_title(f"{mode} ({steps} steps, float32)")
+            ax.set_ylabel("M path-steps / s")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, f"simulate{suffix}.png"), dpi=110)
+    except Exception as err:  # the plot is a convenience; numbers are in the JSON
+        print("plot failed:", err)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
