@@ -96,6 +96,10 @@ def _kl_inverse_jvp(primals, tangents):
     return p, dp
 
 
+# Jitted once per shape: eager calls would otherwise re-trace the loops each time.
+_kl_inverse_jit = jax.jit(_kl_inverse)
+
+
 def kl_inverse(
     q: Float[ArrayLike, "*shape"], c: Float[ArrayLike, "*shape"]
 ) -> Float[Array, "*shape"]:
@@ -109,7 +113,7 @@ def kl_inverse(
     """
     q, c = jnp.broadcast_arrays(jnp.asarray(q), jnp.asarray(c))
     dtype = jnp.result_type(q.dtype, c.dtype, float)
-    return _kl_inverse(q.astype(dtype), c.astype(dtype))
+    return _kl_inverse_jit(q.astype(dtype), c.astype(dtype))
 
 
 def _check_range(name: str, x: Array, lo, hi, lo_open: bool, hi_open: bool) -> Array:
@@ -118,7 +122,7 @@ def _check_range(name: str, x: Array, lo, hi, lo_open: bool, hi_open: bool) -> A
     lo_ok = (x > lo) if lo_open else (x >= lo)
     hi_ok = (x < hi) if hi_open else (x <= hi)
     interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    msg = f"pac_bayes_bound: {name} must lie in {interval}"
+    msg = f"{name} must lie in {interval}"
     if not isinstance(x, jax.core.Tracer):
         bad = ~np.asarray(lo_ok & hi_ok)
         if np.any(bad):
@@ -180,7 +184,7 @@ def pac_bayes_bound(
     budget = (kl + jnp.log(2 * jnp.sqrt(n) / delta)) / n
     if kind == "mcallester":
         return risk + jnp.sqrt(budget / 2)
-    return _kl_inverse(risk, budget)
+    return _kl_inverse_jit(risk, budget)
 
 
 def _law(x, name: str) -> Gaussian:
@@ -248,6 +252,34 @@ def two_stage_bound(
         raise TypeError(
             f"two_stage_bound: model must be a jaxou.TwoStage, got {type(model).__name__}"
         )
+    if kind not in ("mcallester", "kl"):
+        raise ValueError(f"two_stage_bound: unknown kind {kind!r}; use 'mcallester' or 'kl'")
+    dtype = model.pretrain.hessian.dtype
+    scalars = {
+        "n_source": n_source,
+        "n_target": n_target,
+        "delta": delta,
+        "empirical_risk_source": empirical_risk_source,
+        "empirical_risk_target": empirical_risk_target,
+    }
+    scalars = {k: jnp.asarray(v, dtype) for k, v in scalars.items()}
+    # Eager range checks (clear ValueErrors) before entering the compiled program,
+    # where the same checks run again through eqx.error_if for traced values.
+    for name, lo, hi, lo_open, hi_open in (
+        ("n_source", 1, math.inf, False, True),
+        ("n_target", 1, math.inf, False, True),
+        ("delta", 0, 1, True, True),
+        ("empirical_risk_source", 0, 1, False, False),
+        ("empirical_risk_target", 0, 1, False, False),
+    ):
+        _check_range(name, scalars[name], lo, hi, lo_open, hi_open)
+    return _two_stage_bound(model, kind=kind, **scalars)
+
+
+@eqx.filter_jit
+def _two_stage_bound(
+    model, n_source, n_target, delta, empirical_risk_source, empirical_risk_target, kind
+):
     pre, fine = model.laws()
     kl1 = kl_parts(pre, model.init)
     kl2 = kl_parts(fine, pre)
@@ -257,6 +289,6 @@ def two_stage_bound(
     b2 = pac_bayes_bound(
         kl2.total, n_target, delta, empirical_risk=empirical_risk_target, kind=kind
     )
-    t1 = b1 - jnp.asarray(empirical_risk_source, b1.dtype)
-    t2 = b2 - jnp.asarray(empirical_risk_target, b2.dtype)
+    t1 = b1 - empirical_risk_source
+    t2 = b2 - empirical_risk_target
     return TwoStageBound(kl1, kl2, b1, b2, t1, t2, t2 > t1)

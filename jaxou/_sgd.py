@@ -157,11 +157,18 @@ class SGDStage(eqx.Module):
                 f"dimension {initial.dim} and batch shape {initial.batch_shape}"
             )
         t = jnp.asarray(t, self.hessian.dtype)
-        t = eqx.error_if(t, ~(t >= 0), "marginal: t must be >= 0")
-        F, St = ou_flow(self.hessian, self.diffusion_cov, t, symmetric=True)
-        mean = self.minimum + F @ (initial.mean - self.minimum)
-        cov = F @ initial.cov @ F.T + St
-        return Gaussian(mean, 0.5 * (cov + cov.T))
+        if _is_concrete(t) and not float(t) >= 0:
+            raise ValueError(f"marginal: t must be >= 0 (or inf), got {float(t)}")
+        return _stage_marginal(self, initial, t)
+
+
+@eqx.filter_jit
+def _stage_marginal(stage: SGDStage, initial: Gaussian, t: Array) -> Gaussian:
+    t = eqx.error_if(t, ~(t >= 0), "marginal: t must be >= 0")
+    F, St = ou_flow(stage.hessian, stage.diffusion_cov, t, symmetric=True)
+    mean = stage.minimum + F @ (initial.mean - stage.minimum)
+    cov = F @ initial.cov @ F.T + St
+    return Gaussian(mean, 0.5 * (cov + cov.T))
 
 
 class TwoStage(eqx.Module):
