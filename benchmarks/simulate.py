@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+TORCH_STEP_DIVISOR = 50
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
@@ -132,6 +133,9 @@ def jax_variants(d, n, steps, dt, mode):
 
 
 def torch_variant(d, n, steps, dt, mode):
+    """torchsde's batched Euler with its default Brownian path (BrownianInterval).
+    It costs ~10-40 ms per step or more, so it runs `steps // 50` steps
+    and its rate is per path-step (the timing loop divides by the steps it ran)."""
     import torch
     import torchsde
 
@@ -149,6 +153,7 @@ def torch_variant(d, n, steps, dt, mode):
             return G.expand(y.shape[0], d, d)
 
     sde = SDE()
+    steps = max(10, steps // TORCH_STEP_DIVISOR)
     every = 10 if mode == "stats10" else steps
     ts = torch.linspace(0, steps * dt, steps // every + 1)
 
@@ -228,7 +233,7 @@ def peak_rss_mb(d, n, steps, dt, mode):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -252,7 +257,7 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 mean, cov = call()
                 compile_s[name] = time.perf_counter() - t0
-                if name not in ("jax_rng_only",) and not name.endswith("exact"):
+                if name not in ("jax_rng_only", "torchsde") and not name.endswith("exact"):
                     se = np.sqrt(np.diag(S_ref) / n)
                     z = np.max(np.abs(mean - m_ref) / se)
                     assert z < 6, f"{name} (d={d}, n={n}, {mode}): mean off by {z:.1f} SE"
@@ -264,17 +269,29 @@ def main(argv=None):
                     call()
                     times[name].append(time.perf_counter() - t0)
             for name in variants:
+                if name == "torchsde":  # ran fewer steps: rescale to per-path-step time
+                    scale = steps / max(10, steps // TORCH_STEP_DIVISOR)
+                    times[name] = [t * scale for t in times[name]]
+                    compile_s[name] *= scale
                 med = float(np.median(times[name]))
                 rows.append(
                     dict(
-                        d=d, n_paths=n, mode=mode, variant=name, median_s=med,
-                        min_s=float(np.min(times[name])), max_s=float(np.max(times[name])),
+                        d=d,
+                        n_paths=n,
+                        mode=mode,
+                        variant=name,
+                        median_s=med,
+                        min_s=float(np.min(times[name])),
+                        max_s=float(np.max(times[name])),
                         path_steps_per_s=n * steps / med,
                         first_call_s=compile_s[name],
                     )
                 )
-                print(f"d={d:4d} n={n:6d} {mode:8s} {name:22s} {n * steps / med / 1e6:8.2f} "
-                      f"M path-steps/s  (first call {compile_s[name]:.2f} s)", flush=True)
+                print(
+                    f"d={d:4d} n={n:6d} {mode:8s} {name:22s} {n * steps / med / 1e6:8.2f} "
+                    f"M path-steps/s  (first call {compile_s[name]:.2f} s)",
+                    flush=True,
+                )
             del variants
     sde_rates = {d: sdeint_rate(d, min(steps, 200), dt) for d, _ in sizes}
 
@@ -292,7 +309,9 @@ def main(argv=None):
             e = get["jaxou_euler"]["path_steps_per_s"]
             summary.append(
                 dict(
-                    d=d, n_paths=n, mode=mode,
+                    d=d,
+                    n_paths=n,
+                    mode=mode,
                     jaxou_euler_mps=e / 1e6,
                     vs_scan=e / get["jax_scan"]["path_steps_per_s"],
                     vs_rng_bound=e / get["jax_rng_only"]["path_steps_per_s"],
@@ -310,16 +329,32 @@ def main(argv=None):
 
     meta = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
-        machine=platform.platform(), processor=platform.processor(),
-        cpus=os.cpu_count(), python=platform.python_version(),
-        jax=jax.__version__, diffrax=diffrax.__version__, equinox=equinox.__version__,
-        torch=torch.__version__, numpy=np.__version__, backend=jax.default_backend(),
-        dtype="float32", steps=steps, dt=dt, repeats=repeats, quick=args.quick,
+        machine=platform.platform(),
+        processor=platform.processor(),
+        cpus=os.cpu_count(),
+        python=platform.python_version(),
+        jax=jax.__version__,
+        diffrax=diffrax.__version__,
+        equinox=equinox.__version__,
+        torch=torch.__version__,
+        numpy=np.__version__,
+        backend=jax.default_backend(),
+        dtype="float32",
+        steps=steps,
+        dt=dt,
+        repeats=repeats,
+        quick=args.quick,
         loadavg=os.getloadavg(),
     )
-    result = dict(meta=meta, rows=rows, summary=summary, sdeint_path_steps_per_s=sde_rates,
-                  peak_rss_mb=mem, peak_rss_ratio_stats_vs_final=mem_ratio,
-                  peak_rss_steps=mem_steps)
+    result = dict(
+        meta=meta,
+        rows=rows,
+        summary=summary,
+        sdeint_path_steps_per_s=sde_rates,
+        peak_rss_mb=mem,
+        peak_rss_ratio_stats_vs_final=mem_ratio,
+        peak_rss_steps=mem_steps,
+    )
     os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     with open(os.path.join(args.out, f"simulate{suffix}.json"), "w") as f:
@@ -358,7 +393,7 @@ def main(argv=None):
         )
     lines += [
         "",
-        f"sdeint (one path at a time, extrapolated per path-step): "
+        "sdeint (one path at a time, extrapolated per path-step): "
         + ", ".join(f"d={d}: {v / 1e6:.4f} M/s" for d, v in sde_rates.items()),
         "",
         f"Peak RSS over {mem_steps} steps (d=16, 4096 paths, subprocesses): final state only "
@@ -380,8 +415,12 @@ def main(argv=None):
             w = 0.8 / len(names)
             for i, name in enumerate(names):
                 vals = [
-                    next(r["path_steps_per_s"] for r in rows
-                         if r["d"] == d and r["mode"] == mode and r["variant"] == name) / 1e6
+                    next(
+                        r["path_steps_per_s"]
+                        for r in rows
+                        if r["d"] == d and r["mode"] == mode and r["variant"] == name
+                    )
+                    / 1e6
                     for d, _ in sizes
                 ]
                 ax.bar(x + i * w, vals, w, label=name)

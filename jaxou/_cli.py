@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 # The subcommands, in the order `jaxou --help` lists them. Add yours here.
-COMMANDS: list[str] = ["run"]
+COMMANDS: list[str] = ["run", "simulate"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # could not write outputs, internal error
@@ -267,6 +267,10 @@ def write_atomic(path: str, write: Callable[[IO[bytes]], None] | bytes) -> None:
                 write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file 0600; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         try:

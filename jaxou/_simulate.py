@@ -181,9 +181,7 @@ def _stage_list(model: Model, t1, initial):
     return [(process, 0.0, t1)], initial, t1
 
 
-def analytic_marginals(
-    model: Model, ts: Float[ArrayLike, " s"], *, initial=None
-) -> Gaussian:
+def analytic_marginals(model: Model, ts: Float[ArrayLike, " s"], *, initial=None) -> Gaussian:
     """The exact law at each time of `ts` (batch `[s]`): `process.marginal` for an
     `OUProcess`/`SGDStage` started at `initial`; for a `TwoStage`, the pre-training
     marginal up to `t_pretrain` (included) and the fine-tuning marginal, from the
@@ -193,7 +191,9 @@ def analytic_marginals(
         pre = model.pretrained()
         tp = float(model.t_pretrain)
         laws = [
-            model.pretrain.marginal(model.init, t) if t <= tp else model.finetune.marginal(pre, t - tp)
+            model.pretrain.marginal(model.init, t)
+            if t <= tp
+            else model.finetune.marginal(pre, t - tp)
             for t in ts
         ]
     else:
@@ -312,9 +312,7 @@ def _brownian(keys, kind, levy, shape, dtype, start, end, tol):
     if kind == "diffrax":
         make = lambda k: diffrax.UnsafeBrownianPath(struct, k, levy_area=levy)
     else:
-        make = lambda k: diffrax.VirtualBrownianTree(
-            start, end, tol, struct, k, levy_area=levy
-        )
+        make = lambda k: diffrax.VirtualBrownianTree(start, end, tol, struct, k, levy_area=levy)
     return BlockBrownianPath.build(make, keys, levy, start, end)
 
 
@@ -325,6 +323,18 @@ def _concrete_levy(levy):
     if issubclass(levy, diffrax.AbstractSpaceTimeLevyArea):
         return diffrax.SpaceTimeLevyArea
     return diffrax.BrownianIncrement
+
+
+_last_report = [0.0]
+
+
+def _report_interval(i, n_int, _) -> None:
+    # Progress inside a chunk (host callback after each interval), at most 1 line/s.
+    now = time.perf_counter()
+    i = int(i)
+    if now - _last_report[0] >= 1.0 or i + 1 == int(n_int):
+        _last_report[0] = now
+        print(f"jaxou.simulate:   interval {i + 1}/{int(n_int)}", file=sys.stderr, flush=True)
 
 
 @eqx.filter_jit
@@ -346,6 +356,7 @@ def _run_chunk(
     sharding: Any,
     max_steps: int,
     symmetric: tuple[bool, ...],
+    progress: bool = False,
 ):
     dtype = initial.mean.dtype
     d = initial.dim
@@ -391,9 +402,7 @@ def _run_chunk(
         # before the loop (the symmetric-or-general branch is decided on the host).
         covs = jnp.stack([p.diffusion_cov for p in processes])
         flows, roots = jax.vmap(
-            lambda s, h: exact_step_matrices(
-                stacked.drift[s], covs[s], h, symmetric=all(symmetric)
-            )
+            lambda s, h: exact_step_matrices(stacked.drift[s], covs[s], h, symmetric=all(symmetric))
         )(stage_of, jnp.where(empty, 1, t_b - t_a))
     else:
         m = processes[0].diffusion.shape[1]
@@ -402,7 +411,7 @@ def _run_chunk(
         flows = roots = jnp.zeros((n_int, 0), dtype)
 
     def body(y, x):
-        s, ta, tb, k, skip, flow, root = x
+        i, s, ta, tb, k, skip, flow, root = x
         proc = jax.tree.map(lambda leaf: leaf[s], stacked)
         start, end = bounds[s, 0], bounds[s, 1]
         bm = _brownian(stage_keys[s], brownian, levy, (BLOCK, m), dtype, start, end, tols[s])
@@ -428,9 +437,13 @@ def _run_chunk(
             return sol.ys[0]
 
         y = jax.lax.cond(skip, lambda y: y, solve, y)
+        if progress:
+            jax.debug.callback(_report_interval, i, n_int, y[0, 0])
         return y, (stats(y), y if keep_paths else None)
 
-    _, (st, ys) = jax.lax.scan(body, y0, (stage_of, t_a, t_b, steps, empty, flows, roots))
+    _, (st, ys) = jax.lax.scan(
+        body, y0, (jnp.arange(n_int), stage_of, t_a, t_b, steps, empty, flows, roots)
+    )
 
     # Pick the saved times out of the interval ends.
     index = list(saved)
@@ -546,7 +559,8 @@ def simulate(
     - `checkpoint_dir`: a folder where each finished chunk's statistics are saved
       atomically; a rerun with the same arguments loads them and only runs the
       missing chunks.
-    - `progress`: print one line per chunk to stderr.
+    - `progress`: print progress to stderr: one line per finished chunk, and within
+      a chunk after the intervals between saved times (at most one line a second).
     - `max_steps`: the step budget; more steps than this is an error before any work.
     - `brownian`: `"fast"` (the default for fixed steps: a counter-based
       fixed-step Brownian path, `jaxou._solvers.CounterBrownianPath`, the same
@@ -602,14 +616,19 @@ def simulate(
             "numerical method (not 'exact')"
         )
     if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
     ):
         raise ValueError(f"simulate: chunk_size must be a positive int, got {chunk_size!r}")
     key = _as_key(key)
     stages, init_law, t_end = _stage_list(model, t1, initial)
     plan = _plan(stages, t_end, ts, dt, "exact" if method == "exact" else "numeric", max_steps)
     processes = [p for p, _, _ in stages]
-    symmetric = tuple(bool(np.allclose(np.asarray(p.drift), np.asarray(p.drift).T, rtol=0, atol=0)) for p in processes)
+    symmetric = tuple(
+        bool(np.allclose(np.asarray(p.drift), np.asarray(p.drift).T, rtol=0, atol=0))
+        for p in processes
+    )
     dtype = init_law.mean.dtype
     d = init_law.dim
 
@@ -697,6 +716,7 @@ def simulate(
             sharding=sharding,
             max_steps=max_steps,
             symmetric=symmetric,
+            progress=progress,
         )
         moments = Moments(*(np.asarray(x, np.float64) for x in moments))
         part = Moments(moments.count[0], moments.mean, moments.m2)

@@ -148,7 +148,14 @@ def test_weak_and_strong_order(key):
     x0 = np.array([3.0, -2.0])
     dts = [0.1, 0.05, 0.025, 0.0125]
     run = lambda dt, method: simulate(
-        proc, key, n_paths=2048, dt=dt, t1=1.0, initial=x0, method=method, brownian="tree",
+        proc,
+        key,
+        n_paths=2048,
+        dt=dt,
+        t1=1.0,
+        initial=x0,
+        method=method,
+        brownian="tree",
         keep_paths=method == "euler",
     )
     all_sims = {}
@@ -179,8 +186,13 @@ def test_chunked_equals_unchunked_and_resume(model, key, tmp_path, capsys):
     # Resume: finished chunks are loaded, only the missing one runs again.
     ck = tmp_path / "ck"
     first = simulate(model, key, chunk_size=BLOCK, checkpoint_dir=ck, **kw)
-    assert sorted(os.listdir(ck)) == ["chunk_000000.npz", "chunk_000001.npz",
-                                      "chunk_000002.npz", "chunk_000003.npz", "manifest.json"]
+    assert sorted(os.listdir(ck)) == [
+        "chunk_000000.npz",
+        "chunk_000001.npz",
+        "chunk_000002.npz",
+        "chunk_000003.npz",
+        "manifest.json",
+    ]
     os.remove(ck / "chunk_000002.npz")
     capsys.readouterr()
     again = simulate(model, key, chunk_size=BLOCK, checkpoint_dir=ck, progress=True, **kw)
@@ -204,7 +216,8 @@ _SHARD_SCRIPT = textwrap.dedent(
     def stage(s):
         r = np.random.default_rng(s)
         Q = np.linalg.qr(r.normal(size=(d, d)))[0]
-        return jaxou.SGDStage((Q * r.uniform(0.5, 2, d)) @ Q.T, np.eye(d), r.normal(size=d), 0.1, 1.0)
+        H = (Q * r.uniform(0.5, 2, d)) @ Q.T
+        return jaxou.SGDStage(H, np.eye(d), r.normal(size=d), 0.1, 1.0)
     model = jaxou.TwoStage(jaxou.Gaussian.isotropic(np.zeros(d), 1.0), stage(1), stage(2), 1.0, 0.5)
     kw = dict(n_paths=1500, dt=0.05, ts=[0.5, 1.0, 1.5], keep_paths=True)
     many = simulate(model, jax.random.key(0), **kw)
@@ -217,10 +230,12 @@ _SHARD_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_sharded_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", _SHARD_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=280)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARD_SCRIPT], env=env, capture_output=True, text=True, timeout=280
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     line = [x for x in out.stdout.splitlines() if x.startswith("DIFF")][0]
     diffs = [float(x) for x in line.split()[1:]]
@@ -277,3 +292,39 @@ def test_errors(model, key):
         simulate(model, key, n_paths=10, dt=0.1, t1=1.0)
     with pytest.raises(ValueError, match="chunk_size"):
         simulate(model, key, n_paths=10, dt=0.1, chunk_size=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_counter_brownian_increments_are_normal(dtype):
+    """The fast generator: increments N(0, h), independent across steps and blocks."""
+    import diffrax
+
+    from jaxou._solvers import CounterBrownianPath
+
+    keys = jax.random.key_data(jax.random.split(jax.random.key(3), 8)).astype(jnp.uint32)
+    bm = CounterBrownianPath(keys, (BLOCK, 4), jnp.dtype(dtype), diffrax.SpaceTimeLevyArea)
+    h = 0.01
+    a = bm.evaluate(jnp.asarray(0.0, dtype), jnp.asarray(h, dtype), use_levy=True)
+    b = bm.evaluate(jnp.asarray(h, dtype), jnp.asarray(2 * h, dtype))
+    assert a.W.dtype == dtype and a.W.shape == (8 * BLOCK, 4)
+    samples = {
+        "W": np.ravel(a.W) / np.sqrt(h),
+        "H": np.ravel(a.H) / np.sqrt(h / 12),
+        "W'": np.ravel(b) / np.sqrt(h),
+    }
+    pvals = [scipy.stats.kstest(x, "norm").pvalue for x in samples.values()]
+    assert min(pvals) > ALPHA / len(pvals), pvals
+    # Uncorrelated across steps and between W and H: |r| within the Bonferroni bound.
+    n = samples["W"].size
+    for x, y in (("W", "W'"), ("W", "H")):
+        r = np.corrcoef(samples[x], samples[y])[0, 1]
+        assert abs(r) * np.sqrt(n) < _z_crit(2), (x, y, r)
+
+
+def test_monte_carlo_check_small(model, key):
+    from jaxou._simulate import monte_carlo_check
+
+    out = monte_carlo_check(model, key, n_paths=2048)
+    assert out["passed"], out
+    assert set(out["kl"]) == {"pretrained", "finetuned"}
+    assert out["kl"]["finetuned"] < out["kl_threshold"]
