@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from ._config import BOUND_KINDS, Config, load_config, parse_override
+from ._config import BOUND_KINDS, Config, ConfigError, load_config, parse_override
 
 __all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "solve", "summarise", "format_summary"]
 
@@ -77,6 +77,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "e.g. --set pretrain.lr=0.1 --set finetune.duration=inf",
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw stationary_laws.png")
+    parser.add_argument(
+        "--mc-paths",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="paths of the Monte Carlo check of the end-of-stage laws (exact OU sampler; "
+        "default 4096; 0 skips the check)",
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -459,6 +467,20 @@ def format_summary(s: dict) -> str:
         f"({kind}: {_g(t_fine)} vs {_g(t_pre)}, ratio fine/pre = {_g(b['term_ratio'], 3)})"
         + (f"; the {', '.join(other)} bound says otherwise" if other else ""),
     ]
+    mc = s.get("monte_carlo")
+    if mc:
+        verdict = "agree" if mc["passed"] else "DISAGREE"
+        lines += [
+            "",
+            f"Monte Carlo check ({mc['n_paths']} paths, {mc['method']} sampler, "
+            f"{_g(mc['seconds'], 2)} s): empirical and analytic laws {verdict}",
+            f"  KL(empirical fit ‖ analytic): pretrained {_g(mc['kl']['pretrained'], 3)}, "
+            f"finetuned {_g(mc['kl']['finetuned'], 3)} "
+            f"(expected {_g(mc['kl_floor'], 3)} from {mc['n_paths']} samples, "
+            f"threshold {_g(mc['kl_threshold'], 3)})",
+            f"  largest deviation: mean {_g(mc['max_z_mean'], 3)} SE, "
+            f"variance {_g(mc['max_z_var'], 3)} SE (threshold {_g(mc['z_threshold'], 3)} SE)",
+        ]
     return "\n".join(lines)
 
 
@@ -514,6 +536,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         overrides.append(("output", "dir", args.out))
     config = load_config(args.config, overrides)
+    if args.mc_paths != 0 and args.mc_paths < 2:
+        raise ConfigError(f"--mc-paths must be 0 (no check) or >= 2, got {args.mc_paths}")
     out_dir = config.output.dir
     check_output_dir(out_dir)
     plot = config.output.plot and not args.no_plot
@@ -533,6 +557,8 @@ def run(args: argparse.Namespace) -> int:
             raise _with_hint(err, model) from err
         summary = summarise(model, info, numbers)
         arrs = arrays(model, info, numbers)
+    if args.mc_paths:
+        summary["monte_carlo"] = _monte_carlo(model, config, args.mc_paths, progress)
     for name in ("pretrain", "finetune"):
         x = summary["problem"][name]["lr_times_max_hessian_eig"]
         if isinstance(x, float) and x >= 2:
@@ -572,6 +598,23 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(format_summary(summary) + "\n")
     sys.stdout.flush()
     return 0
+
+
+def _monte_carlo(model, config: Config, n_paths: int, progress) -> dict | None:
+    """Sample both stages with the exact OU transition and compare the empirical laws
+    at the end of each stage with the analytic ones (KL of the Gaussian fit, largest
+    deviation of a mean or variance entry in standard errors)."""
+    import math
+
+    import jax
+
+    from ._simulate import monte_carlo_check
+
+    if not (math.isfinite(config.pretrain.duration) and math.isfinite(config.finetune.duration)):
+        progress.info("Monte Carlo check skipped: a stage runs to stationarity (duration = inf)")
+        return None
+    with progress(f"Monte Carlo check ({n_paths} paths, exact OU sampler)"):
+        return monte_carlo_check(model, jax.random.key(config.simulate.seed), n_paths=n_paths)
 
 
 def _figure(summary: dict, arrs: dict, config: Config) -> bytes:

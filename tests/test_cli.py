@@ -95,6 +95,30 @@ def test_default_run_succeeds_and_writes_outputs(default_run):
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
 
 
+def test_default_run_monte_carlo_check(default_run):
+    """The default run samples both stages (exact OU sampler) and finds the empirical
+    laws at the end of each stage in agreement with the analytic ones."""
+    proc, _ = default_run
+    mc = json.loads(proc.stdout)["monte_carlo"]
+    assert mc["n_paths"] == 4096 and mc["method"] == "exact"
+    assert mc["passed"] is True
+    for stage in ("pretrained", "finetuned"):
+        assert 0 < mc["kl"][stage] < mc["kl_threshold"]
+    assert mc["max_z_mean"] < mc["z_threshold"] and mc["max_z_var"] < mc["z_threshold"]
+    assert "Monte Carlo check" in proc.stderr
+
+
+def test_monte_carlo_check_in_human_summary(tmp_path, capsys):
+    code, captured, out = _run_small(tmp_path, capsys, SMALL, "--mc-paths", "512")
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["monte_carlo"]["n_paths"] == 512
+    code = main(["run", str(tmp_path / "small.toml"), "--out", str(out), "-q", "--mc-paths", "512"])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "Monte Carlo check (512 paths, exact sampler" in text
+    assert "largest deviation: mean" in text
+
+
 def test_default_summary_fields(default_run):
     summary = json.loads(default_run[0].stdout)
     assert summary["jaxou_version"] == jaxou.__version__
@@ -214,7 +238,7 @@ def _run_small(tmp_path, capsys, text=SMALL, *extra):
     cfg = tmp_path / "small.toml"
     cfg.write_text(text)
     out = tmp_path / "out"
-    code = main(["run", str(cfg), "--json", "--out", str(out), "-q", *extra])
+    code = main(["run", str(cfg), "--json", "--out", str(out), "-q", "--mc-paths", "0", *extra])
     captured = capsys.readouterr()
     return code, captured, out
 
@@ -441,6 +465,7 @@ def test_bad_config(tmp_path, capsys, text, expected):
         (["run", "--set", "lr=1"], "e.g. pretrain.lr or finetune.lr"),
         (["run", "--set", "pretrain.batch_size"], "must look like table.key=value"),
         (["run", "--set", "problem.dim=0"], "problem.dim must be >= 1, got 0"),
+        (["run", "--mc-paths", "1"], "--mc-paths must be 0 (no check) or >= 2, got 1"),
     ],
 )
 def test_bad_arguments(tmp_path, capsys, monkeypatch, argv, expected):
