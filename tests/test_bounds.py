@@ -48,7 +48,14 @@ def binary_kl_decimal(q, p):
 
 
 def test_binary_kl_against_decimal(rng):
-    for q, p in [(0.2, 0.55), (0.3, 0.3 + 1e-7), (0.0, 0.2), (1.0, 0.9), (0.01, 0.5), (0.7, 0.69999)]:
+    for q, p in [
+        (0.2, 0.55),
+        (0.3, 0.3 + 1e-7),
+        (0.0, 0.2),
+        (1.0, 0.9),
+        (0.01, 0.5),
+        (0.7, 0.69999),
+    ]:
         ref = float(binary_kl_decimal(q, p))
         assert abs(float(jaxou.binary_kl(q, p)) - ref) <= 1e-14 * ref
 
@@ -114,7 +121,12 @@ def test_one_over_sqrt_n():
     n = np.array([1e4, 4e4, 1.6e5])
     t = np.asarray(jaxou.pac_bayes_bound(50.0, n, 0.05))
     ratio = t[1:] / t[:-1]
-    expected = np.sqrt((50 + np.log(2 * np.sqrt(n[1:]) / 0.05)) / (50 + np.log(2 * np.sqrt(n[:-1]) / 0.05))) / 2
+    expected = (
+        np.sqrt(
+            (50 + np.log(2 * np.sqrt(n[1:]) / 0.05)) / (50 + np.log(2 * np.sqrt(n[:-1]) / 0.05))
+        )
+        / 2
+    )
     np.testing.assert_allclose(ratio, expected, rtol=1e-12)
     assert np.all(np.abs(ratio - 0.5) < 0.02)
 
@@ -143,7 +155,9 @@ def test_bad_argument_under_jit():
 
 
 def _stage(rng, d, lr, B, shift=0.0, scale=1.0):
-    return jaxou.SGDStage(scale * random_spd(rng, d, 10), random_psd(rng, d), shift * np.ones(d), lr, B)
+    return jaxou.SGDStage(
+        scale * random_spd(rng, d, 10), random_psd(rng, d), shift * np.ones(d), lr, B
+    )
 
 
 def test_domain_discrepancy(rng):

@@ -50,7 +50,9 @@ def test_tiny_kl_keeps_relative_accuracy():
         r = Decimal(float(ai)) / Decimal(float(bi))
         ref += r - 1 - r.ln()
     ref = float(ref / 2)
-    got = float(jaxou.kl(jaxou.Gaussian(np.zeros(3), np.diag(a)), jaxou.Gaussian(np.zeros(3), np.diag(b))))
+    got = float(
+        jaxou.kl(jaxou.Gaussian(np.zeros(3), np.diag(a)), jaxou.Gaussian(np.zeros(3), np.diag(b)))
+    )
     assert abs(got - ref) <= 1e-8 * ref
 
 

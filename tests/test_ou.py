@@ -106,7 +106,9 @@ def test_bad_shapes():
     with pytest.raises(ValueError, match="diffusion must be"):
         jaxou.OUProcess(np.eye(2), np.zeros(2), np.eye(3))
     with pytest.raises(ValueError, match="single law"):
-        jaxou.OUProcess(np.eye(2), np.zeros(2), np.eye(2)).marginal(jaxou.Gaussian(np.zeros(3), np.eye(3)), 1.0)
+        jaxou.OUProcess(np.eye(2), np.zeros(2), np.eye(2)).marginal(
+            jaxou.Gaussian(np.zeros(3), np.eye(3)), 1.0
+        )
 
 
 def test_unstable_stationary_raises():

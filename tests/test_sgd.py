@@ -9,7 +9,9 @@ from helpers import random_psd, random_spd, rel_err
 
 
 def make_stage(rng, d=4, lr=0.1, batch_size=16.0):
-    return jaxou.SGDStage(random_spd(rng, d, 50), random_psd(rng, d), rng.standard_normal(d), lr, batch_size)
+    return jaxou.SGDStage(
+        random_spd(rng, d, 50), random_psd(rng, d), rng.standard_normal(d), lr, batch_size
+    )
 
 
 def test_stationary_is_lyapunov_of_scaled_noise(rng):
@@ -58,19 +60,24 @@ def test_bad_stage(kwargs, match):
 
 
 def test_traced_bad_lr_raises_at_run_time():
-    f = jax.jit(lambda lr: jaxou.SGDStage(jnp.eye(2), jnp.eye(2), jnp.zeros(2), lr, 8.0).stationary().cov)
+    f = jax.jit(
+        lambda lr: jaxou.SGDStage(jnp.eye(2), jnp.eye(2), jnp.zeros(2), lr, 8.0).stationary().cov
+    )
     with pytest.raises(Exception, match="lr must be > 0"):
         f(-0.1).block_until_ready()
 
 
 def make_two_stage(rng, d=4, t1=5.0, t2=2.0):
     init = jaxou.Gaussian.isotropic(np.zeros(d), 1.0)
-    return jaxou.TwoStage(init, make_stage(rng, d), make_stage(rng, d, lr=0.01, batch_size=4.0), t1, t2)
+    return jaxou.TwoStage(
+        init, make_stage(rng, d), make_stage(rng, d, lr=0.01, batch_size=4.0), t1, t2
+    )
 
 
 def test_two_stage_laws_compose(rng):
     model = make_two_stage(rng)
     pre, fine = model.laws()
+
     # Reference: each stage's marginal with SciPy's expm and Lyapunov solve.
     def scipy_marginal(stage, m0, S0, t):
         H, C, mu = map(np.asarray, (stage.hessian, stage.noise_cov, stage.minimum))
