@@ -8,6 +8,21 @@ from ._bounds import (
     pac_bayes_bound as pac_bayes_bound,
     two_stage_bound as two_stage_bound,
 )
+from ._estimate import (
+    LowRankPlusDiagonal as LowRankPlusDiagonal,
+    Minimum as Minimum,
+    StageEstimate as StageEstimate,
+    estimate_hessian as estimate_hessian,
+    estimate_noise_cov as estimate_noise_cov,
+    estimate_stage as estimate_stage,
+    flatten_params as flatten_params,
+    hutchinson_diagonal as hutchinson_diagonal,
+    lanczos as lanczos,
+    per_example_grads as per_example_grads,
+    sample_sgd as sample_sgd,
+    sgd_stationary_cov as sgd_stationary_cov,
+    train_to_minimum as train_to_minimum,
+)
 from ._gaussian import (
     Gaussian as Gaussian,
     KLDecomposition as KLDecomposition,
