@@ -7,6 +7,7 @@ import pytest
 import scipy.optimize
 
 import jaxou
+
 from helpers import random_psd, random_spd
 
 

@@ -8,6 +8,7 @@ import scipy.linalg
 import scipy.stats
 
 import jaxou
+
 from helpers import central_diff, random_spd
 
 

@@ -6,6 +6,7 @@ import pytest
 import scipy.linalg
 
 import jaxou
+
 from helpers import central_diff, random_psd, random_spd, random_stable, rel_err
 
 # Accuracy required by the issue (float64, against SciPy): ≤ 1e-9 up to cond 1e2,

@@ -1,5 +1,4 @@
 import diffrax
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,6 +6,7 @@ import scipy.linalg
 import scipy.stats
 
 import jaxou
+
 from helpers import random_psd, random_spd, random_stable, rel_err
 
 

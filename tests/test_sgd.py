@@ -5,6 +5,7 @@ import pytest
 import scipy.linalg
 
 import jaxou
+
 from helpers import random_psd, random_spd, rel_err
 
 
