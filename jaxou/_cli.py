@@ -152,6 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = getattr(args, "debug", False)
+    # One OpenBLAS thread unless the user chose otherwise: jaxlib's batched LAPACK
+    # kernels already run on XLA's thread pool, and a threaded OpenBLAS under them
+    # oversubscribes small machines and can deadlock the pool (benchmarks/README.md).
+    # OpenBLAS reads this when SciPy's LAPACK is first used, which is after this line.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         enable_x64()
         return int(args._run(args))

@@ -141,9 +141,20 @@ def kl_parts(p: Gaussian, q: Gaussian) -> KLDecomposition:
         raise TypeError(f"kl: p is {p.mean.dtype} but q is {q.mean.dtype}")
     d = p.dim
     batch = jnp.broadcast_shapes(p.batch_shape, q.batch_shape)
-    Lp = jnp.linalg.cholesky(jnp.broadcast_to(p.cov, batch + (d, d)))
-    Lq = jnp.linalg.cholesky(jnp.broadcast_to(q.cov, batch + (d, d)))
+    covs = jnp.stack(
+        [jnp.broadcast_to(p.cov, batch + (d, d)), jnp.broadcast_to(q.cov, batch + (d, d))]
+    )
     diff = jnp.broadcast_to(p.mean - q.mean, batch + (d,))
+    # Both factors come from ONE batched Cholesky call, with nothing else left to run
+    # beside it. jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op
+    # thread pool and block a pool thread while they wait (jax::ParallelBatchMap):
+    # two such calls, or one call next to other pool work, can starve a small pool
+    # and hang for ever (seen on 2 cores with jax 0.10.2, in the two-Cholesky form
+    # this replaces). One call also pays the per-call overhead once. The barrier
+    # makes `diff` ready before the factorisation starts; values are unchanged.
+    covs, diff = jax.lax.optimization_barrier((covs, diff))
+    L = jnp.linalg.cholesky(covs)
+    Lp, Lq = L[0], L[1]
     rhs = jnp.concatenate([Lp, diff[..., None]], axis=-1)
     sol = jax.lax.linalg.triangular_solve(Lq, rhs, left_side=True, lower=True)
     M = sol[..., :d]

@@ -102,7 +102,9 @@ def is_symmetric(A: Array) -> Array:
 
 def _eigh_solve(A: Array, Q: Array) -> tuple[Array, Array]:
     """Symmetric A = V Λ Vᵀ: X = V [(Vᵀ Q V)_ij / (λ_i + λ_j)] Vᵀ."""
-    lam, V = jnp.linalg.eigh(0.5 * (A + A.T))
+    # jnp.linalg.eigh symmetrises its input itself ((A + Aᵀ)/2, symmetrize_input=True),
+    # so no second copy here; the result is bit-for-bit the same as symmetrising twice.
+    lam, V = jnp.linalg.eigh(A)
     Qt = V.T @ Q @ V
     X = V @ (Qt / (lam[:, None] + lam[None, :])) @ V.T
     status = jnp.where(lam[0] > 0, LyapunovStatus.SUCCESS, LyapunovStatus.UNSTABLE)

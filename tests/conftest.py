@@ -1,3 +1,12 @@
+import os
+
+# One OpenBLAS thread: jaxlib's batched LAPACK kernels (eigh, cholesky, lu, trsm) split
+# a batch over XLA's thread pool and call SciPy's OpenBLAS from each piece; on a small
+# machine the two thread pools oversubscribe the cores, and two batched LAPACK calls at
+# once can deadlock the pool (seen with gdb on this 2-core machine; see
+# benchmarks/README.md). Must be set before OpenBLAS is loaded.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import zlib
 
 import jax
