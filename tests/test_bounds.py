@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.optimize
+from hypothesis import given, settings, strategies as st
 
 import jaxou
 
@@ -220,3 +221,21 @@ def test_two_stage_bound_gradient(rng):
     h = 1e-7
     fd = (term(0.05 + h) - term(0.05 - h)) / (2 * h)
     np.testing.assert_allclose(g, fd, rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    q=st.floats(0.0, 0.99, allow_subnormal=False),
+    gap=st.floats(1e-6, 0.99, allow_subnormal=False),
+)
+def test_kl_inverse_inverts_binary_kl(q, gap):
+    # Property: for p in (q, 1), kl^{-1}(q, kl(q‖p)) = p, and binary kl is >= 0.
+    p = q + gap * (1 - q)
+    if not q < p < 1:
+        return
+    c = float(jaxou.binary_kl(q, p))
+    assert c >= 0
+    back = float(jaxou.kl_inverse(q, c))
+    # p is recovered to the conditioning of the inversion: δp ≈ δc / ∂_p kl.
+    slope = (p - q) / (p * (1 - p))
+    assert abs(back - p) <= 8 * np.finfo(float).eps * max(c / slope, p) + 1e-15
