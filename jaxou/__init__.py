@@ -34,5 +34,21 @@ from ._linalg import LyapunovStatus as LyapunovStatus, lyapunov as lyapunov
 from ._ou import OUDiffusion as OUDiffusion, OUDrift as OUDrift, OUProcess as OUProcess
 from ._sgd import SGDStage as SGDStage, TwoStage as TwoStage
 from ._simulate import Simulation as Simulation, simulate as simulate
+from ._structured import (
+    DiagonalMatrix as DiagonalMatrix,
+    DiagonalPlusLowRank as DiagonalPlusLowRank,
+    LowRankDiagonal as LowRankDiagonal,
+    StructuredGaussian as StructuredGaussian,
+    structured_kl as structured_kl,
+    structured_stationary as structured_stationary,
+    structured_two_stage_bound as structured_two_stage_bound,
+)
+from ._sweep import (
+    GridResult as GridResult,
+    Hyperparameters as Hyperparameters,
+    evaluate as evaluate,
+    grid as grid,
+    sensitivity as sensitivity,
+)
 
 __version__ = "0.1.0"

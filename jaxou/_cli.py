@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 # The subcommands, in the order `jaxou --help` lists them. Add yours here.
-COMMANDS: list[str] = ["run", "simulate", "experiment"]
+COMMANDS: list[str] = ["run", "simulate", "experiment", "sweep"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # could not write outputs, internal error

@@ -215,6 +215,25 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "int", None, "paths simulated at once (default: all, or what fits)", ge=1
         ),
     },
+    # Used by `jaxou sweep`. Each key is an axis of the grid (a list of values);
+    # axes left out keep the value of the problem's tables. With no axis at all,
+    # the default grid is fine-tuning lr × batch size × n_samples.
+    "sweep": {
+        "pretrain_lr": Field("vector", None, "axis: pre-training learning rates"),
+        "pretrain_batch_size": Field("vector", None, "axis: pre-training batch sizes"),
+        "finetune_lr": Field("vector", None, "axis: fine-tuning learning rates"),
+        "finetune_batch_size": Field("vector", None, "axis: fine-tuning batch sizes"),
+        "n_source": Field("vector", None, "axis: source sample sizes N_S"),
+        "n_target": Field("vector", None, "axis: target sample sizes N_T"),
+        "delta": Field("vector", None, "axis: confidences δ, each in (0, 1)"),
+        "empirical_risk_source": Field("vector", None, "axis: source empirical risks"),
+        "empirical_risk_target": Field("vector", None, "axis: target empirical risks"),
+        "target_shift": Field("vector", None, "axis: norms of the shift θ*_T - θ*_S"),
+        "target_hessian_scale": Field("vector", None, "axis: scales c of H_T = c H_T(base)"),
+        "chunk_size": Field(
+            "int", None, "grid points per chunk (one progress step, one resumable file)", ge=1
+        ),
+    },
 }
 
 

@@ -1,0 +1,763 @@
+"""Layer 6: the theory over grids of hyperparameters, in one compiled program.
+
+[`evaluate`][jaxou.evaluate] computes, at every point of a grid of
+hyperparameters (learning rate and batch size of each stage, $N_S$, $N_T$,
+$\\delta$, the empirical risks, the target's shift and Hessian scale), the
+stationary laws, the domain discrepancy and its two parts, each stage's KL and
+its two parts, each stage's PAC-Bayes bound and complexity term, and their sum.
+[`sensitivity`][jaxou.sensitivity] gives the derivative of every term with
+respect to every hyperparameter, at every grid point.
+
+The hyperparameters are traced arrays: a new grid of the same shape reuses the
+compiled program.
+
+## The fast ("eigen") path
+
+Only scalars change across the grid, so every matrix factorisation that does not
+depend on them is done once. With $H_S = V\\,\\mathrm{diag}(\\lambda)V^\\top$,
+$H_T = c\\,W\\mathrm{diag}(\\mu)W^\\top$ ($c$ the Hessian scale, $W, \\mu$ from the
+base model), $r_S = \\eta_S/B_S$ and $r_T = \\eta_T/B_T$:
+
+- the pre-trained covariance is *affine* in $r_S$: $P = F_1 S_0 F_1^\\top +
+  r_S K_1$ with $F_1 = e^{-H_S t_1}$ and $K_1 = V[(V^\\top C_S V)_{ij}
+  (1-e^{-(\\lambda_i+\\lambda_j)t_1})/(\\lambda_i+\\lambda_j)]V^\\top$;
+- in the basis $W$ the fine-tuned covariance is $Q = f P f + r_T\\,[\\tilde C_T
+  \\circ g(c)]$ with $f = e^{-c\\mu t_2}$ and $g_{ij} = (1-e^{-c(\\mu_i+\\mu_j)
+  t_2})/(c(\\mu_i+\\mu_j))$: elementwise, no eigendecomposition per point;
+- the stationary laws are $r_S\\Sigma_S^{(1)}$ and $(r_T/c)\\Sigma_T^{(1)}$, so the
+  domain discrepancy is a closed form in the generalised eigenvalues $e_i$ of
+  $(\\Sigma_T^{(1)}, \\Sigma_S^{(1)})$: covariance part $\\frac12\\sum_i
+  \\varphi(\\ln(\\rho e_i))$ with $\\rho = r_T/(c\\,r_S)$ and $\\varphi(u) =
+  e^u-1-u$; shift part $\\frac{s^2}{2 r_S} u^\\top(\\Sigma_S^{(1)})^{-1}u$.
+
+Per point this leaves two Cholesky factorisations and one triangular solve
+(the KL terms, in the stable form of [`jaxou.kl_parts`][]). The "plain" path
+rebuilds the [`jaxou.TwoStage`][] at every point and calls
+[`jaxou.two_stage_bound`][] and [`jaxou.domain_discrepancy`][] (eigendecompositions
+and Lyapunov solves per point, derivatives through the Lyapunov solve's own
+adjoint); it is the reference the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import math
+from typing import Any, Literal, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float
+
+from ._bounds import domain_discrepancy, pac_bayes_bound, two_stage_bound
+from ._gaussian import Gaussian, KLDecomposition
+from ._numerics import expm1mx
+from ._sgd import TwoStage
+
+__all__ = [
+    "HYPERPARAMETERS",
+    "TERMS",
+    "Hyperparameters",
+    "GridResult",
+    "grid",
+    "evaluate",
+    "sensitivity",
+]
+
+# The hyperparameters, in a fixed order (the columns of the tables).
+HYPERPARAMETERS = (
+    "pretrain_lr",
+    "pretrain_batch_size",
+    "finetune_lr",
+    "finetune_batch_size",
+    "n_source",
+    "n_target",
+    "delta",
+    "empirical_risk_source",
+    "empirical_risk_target",
+    "target_shift",
+    "target_hessian_scale",
+)
+
+# The scalar terms of a GridResult, flattened (the other columns of the tables).
+TERMS = (
+    "source_trace",
+    "target_trace",
+    "discrepancy_total",
+    "discrepancy_covariance",
+    "discrepancy_shift",
+    "pretrain_kl_total",
+    "pretrain_kl_covariance",
+    "pretrain_kl_shift",
+    "finetune_kl_total",
+    "finetune_kl_covariance",
+    "finetune_kl_shift",
+    "pretrain_bound",
+    "finetune_bound",
+    "pretrain_term",
+    "finetune_term",
+    "total_term",
+)
+
+# Valid ranges: (low, high, low_open, high_open), and why.
+_RANGES = {
+    "pretrain_lr": (0, math.inf, True, True),
+    "pretrain_batch_size": (0, math.inf, True, True),
+    "finetune_lr": (0, math.inf, True, True),
+    "finetune_batch_size": (0, math.inf, True, True),
+    "n_source": (1, math.inf, False, True),
+    "n_target": (1, math.inf, False, True),
+    "delta": (0, 1, True, True),
+    "empirical_risk_source": (0, 1, False, False),
+    "empirical_risk_target": (0, 1, False, False),
+    "target_shift": (0, math.inf, False, True),
+    "target_hessian_scale": (0, math.inf, True, True),
+}
+
+# Diagnostic: how many times each compiled entry point was traced (a test checks
+# that a new grid of the same shape does not retrace). Touched at trace time only.
+TRACE_COUNT: collections.Counter = collections.Counter()
+
+
+class Hyperparameters(eqx.Module):
+    r"""Hyperparameters of the two-stage model, each an array (any shape; the
+    given fields broadcast against each other to the grid's shape) or `None`
+    for the default.
+
+    - `pretrain_lr`, `pretrain_batch_size`: $\eta_S$, $B_S$ (default: the base
+      model's pre-training stage).
+    - `finetune_lr`, `finetune_batch_size`: $\eta_T$, $B_T$ (default: the base
+      model's fine-tuning stage).
+    - `n_source`, `n_target`: sample sizes $N_S$, $N_T \ge 1$ (no default: the
+      model does not carry them).
+    - `delta`: confidence $\delta \in (0, 1)$ (default 0.05).
+    - `empirical_risk_source`, `empirical_risk_target`: $\hat R \in [0, 1]$
+      (default 0).
+    - `target_shift`: $\|\theta^*_T - \theta^*_S\|$, along the base model's
+      direction of the shift ($e_1$ if the base model has none); default: the base
+      model's norm.
+    - `target_hessian_scale`: $c > 0$ with $H_T = c\,H_T^{\text{base}}$ (default 1).
+
+    Build product grids with [`jaxou.grid`][].
+    """
+
+    pretrain_lr: Float[ArrayLike, "*grid"] | None = None
+    pretrain_batch_size: Float[ArrayLike, "*grid"] | None = None
+    finetune_lr: Float[ArrayLike, "*grid"] | None = None
+    finetune_batch_size: Float[ArrayLike, "*grid"] | None = None
+    n_source: Float[ArrayLike, "*grid"] | None = None
+    n_target: Float[ArrayLike, "*grid"] | None = None
+    delta: Float[ArrayLike, "*grid"] | None = None
+    empirical_risk_source: Float[ArrayLike, "*grid"] | None = None
+    empirical_risk_target: Float[ArrayLike, "*grid"] | None = None
+    target_shift: Float[ArrayLike, "*grid"] | None = None
+    target_hessian_scale: Float[ArrayLike, "*grid"] | None = None
+
+    def given(self) -> dict[str, Any]:
+        """The fields that are set, by name."""
+        return {k: getattr(self, k) for k in HYPERPARAMETERS if getattr(self, k) is not None}
+
+
+def _unknown(name: str) -> ValueError:
+    close = difflib.get_close_matches(name, HYPERPARAMETERS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(
+        f"unknown hyperparameter {name!r}{hint}; valid names: {', '.join(HYPERPARAMETERS)}"
+    )
+
+
+def grid(**axes: Float[ArrayLike, " n"]) -> Hyperparameters:
+    """The Cartesian product of 1-D axes, as [`jaxou.Hyperparameters`][] whose
+    fields have the shape `(len(axis_1), len(axis_2), ...)` in the order the axes
+    are given (`indexing="ij"`).
+
+    `jaxou.grid(finetune_lr=[1e-3, 1e-2], n_target=[100, 1000, 10000])` has shape
+    `(2, 3)`.
+
+    **Raises:** `ValueError` for an unknown name or an axis that is not 1-D and
+    non-empty.
+    """
+    for name in axes:
+        if name not in HYPERPARAMETERS:
+            raise _unknown(name)
+    arrays = []
+    for name, values in axes.items():
+        a = np.asarray(values) if not isinstance(values, jax.Array) else values
+        if a.ndim != 1 or a.shape[0] == 0:
+            raise ValueError(
+                f"grid: axis {name} must be a non-empty 1-D array, got shape {a.shape}"
+            )
+        arrays.append(a)
+    mesh = jnp.meshgrid(*[jnp.asarray(a) for a in arrays], indexing="ij")
+    return Hyperparameters(**dict(zip(axes, mesh)))
+
+
+def _check_values(name: str, x: Array) -> Array:
+    lo, hi, lo_open, hi_open = _RANGES[name]
+    ok = ((x > lo) if lo_open else (x >= lo)) & ((x < hi) if hi_open else (x <= hi))
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    msg = f"Hyperparameters.{name} must lie in {interval}"
+    if not isinstance(x, jax.core.Tracer):
+        bad = ~np.asarray(ok)
+        if np.any(bad):
+            raise ValueError(f"{msg}; got {np.asarray(x)[bad].ravel()[:3].tolist()}")
+        return x
+    return eqx.error_if(x, ~ok, msg)
+
+
+def _shift_direction(model: TwoStage) -> tuple[Array, Array]:
+    v = model.finetune.minimum - model.pretrain.minimum
+    norm = jnp.linalg.norm(v)
+    e1 = jnp.zeros_like(v).at[0].set(1)
+    u = jnp.where(norm > 0, v / jnp.where(norm > 0, norm, 1), e1)
+    return u, norm
+
+
+def _resolve(model: TwoStage, hyper: Hyperparameters) -> tuple[dict[str, Array], tuple]:
+    """Every hyperparameter as an array of the grid's shape, in the model's dtype,
+    defaults filled in and values checked."""
+    if not isinstance(model, TwoStage):
+        raise TypeError(f"model must be a jaxou.TwoStage, got {type(model).__name__}")
+    if not isinstance(hyper, Hyperparameters):
+        raise TypeError(
+            f"hyper must be a jaxou.Hyperparameters (see jaxou.grid), got {type(hyper).__name__}"
+        )
+    dtype = model.pretrain.hessian.dtype
+    given = {}
+    for name, x in hyper.given().items():
+        try:
+            given[name] = jnp.asarray(x, dtype)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"Hyperparameters.{name}: not a numeric array ({err})") from None
+    try:
+        shape = jnp.broadcast_shapes(*[x.shape for x in given.values()]) if given else ()
+    except ValueError:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in given.items())
+        raise ValueError(
+            f"Hyperparameters: the grids have incompatible shapes ({shapes}); they must "
+            "broadcast against each other (use jaxou.grid for a Cartesian product)"
+        ) from None
+    for name in ("n_source", "n_target"):
+        if name not in given:
+            raise ValueError(
+                f"Hyperparameters.{name} is required (the model does not carry sample sizes)"
+            )
+    _, base_shift = _shift_direction(model)
+    defaults = {
+        "pretrain_lr": model.pretrain.lr,
+        "pretrain_batch_size": model.pretrain.batch_size,
+        "finetune_lr": model.finetune.lr,
+        "finetune_batch_size": model.finetune.batch_size,
+        "delta": 0.05,
+        "empirical_risk_source": 0.0,
+        "empirical_risk_target": 0.0,
+        "target_shift": base_shift,
+        "target_hessian_scale": 1.0,
+    }
+    out = {}
+    for name in HYPERPARAMETERS:
+        x = given[name] if name in given else jnp.asarray(defaults[name], dtype)
+        out[name] = jnp.broadcast_to(_check_values(name, x), shape)
+    return out, tuple(shape)
+
+
+# ---------------------------------------------------------------------------
+# The fast path: everything that does not depend on the scalars, once.
+
+
+class _Base(NamedTuple):
+    A1: Array  # F1 S0 F1ᵀ in the basis W
+    K1: Array  # Σ_{t1} per unit r_S, basis W
+    Ct: Array  # C_T in the basis W
+    mu: Array  # eigenvalues of the base H_T
+    L0: Array  # Cholesky factor of S0 in the basis W
+    shift1: Array  # ½ |L0⁻¹ (m1 - m0)|² (the pre-training shift part; no scalar moves it)
+    a: Array  # Wᵀ (θ*_S - m1)
+    u: Array  # Wᵀ u, u the unit direction of the shift
+    log_e: Array  # ln of the generalised eigenvalues of (Σ_T1, Σ_S1)
+    q_u: Array  # uᵀ Σ_S1⁻¹ u
+    tr_S1: Array
+    tr_T1: Array
+    t2: Array
+    W: Array
+    S1: Array  # stationary covariances per unit r (original basis), for `laws=True`
+    T1: Array
+    theta_S: Array
+    m1: Array
+    u_orig: Array
+
+
+def _scaled_flow(lam: Array, t: Array) -> tuple[Array, Array]:
+    """e^{-λt} and (1 - e^{-(λ_i+λ_j)t})/(λ_i+λ_j), both right for t = inf."""
+    inf = jnp.isinf(t)
+    tf = jnp.where(inf, 0, t)
+    s = lam[:, None] + lam[None, :]
+    g = jnp.where(inf, 1 / s, -jnp.expm1(-s * tf) / s)
+    f = jnp.where(inf, 0, jnp.exp(-lam * tf))
+    return f, g
+
+
+def _precompute(model: TwoStage) -> _Base:
+    pre, fine = model.pretrain, model.finetune
+    lam, V = jnp.linalg.eigh(0.5 * (pre.hessian + pre.hessian.T))
+    mu, W = jnp.linalg.eigh(0.5 * (fine.hessian + fine.hessian.T))
+    lam = eqx.error_if(lam, lam[0] <= 0, "pretrain.hessian is not positive definite")
+    mu = eqx.error_if(mu, mu[0] <= 0, "finetune.hessian is not positive definite")
+    Cs = V.T @ pre.noise_cov @ V
+    f1, g1 = _scaled_flow(lam, model.t_pretrain)
+    K1 = V @ (Cs * g1) @ V.T
+    F1 = (V * f1) @ V.T
+    S0, m0 = model.init.cov, model.init.mean
+    A1 = F1 @ S0 @ F1.T
+    m1 = pre.minimum + F1 @ (m0 - pre.minimum)
+    sym = lambda M: 0.5 * (M + M.T)
+    to_w = lambda M: sym(W.T @ M @ W)
+    L0 = jnp.linalg.cholesky(to_w(S0))
+    z1 = jax.scipy.linalg.solve_triangular(L0, W.T @ (m1 - m0), lower=True)
+    u, _ = _shift_direction(model)
+    S1 = sym(V @ (Cs / (lam[:, None] + lam[None, :])) @ V.T)
+    Ct = to_w(fine.noise_cov)
+    T1 = sym(W @ (Ct / (mu[:, None] + mu[None, :])) @ W.T)
+    LS = jnp.linalg.cholesky(S1)
+    X = jax.scipy.linalg.solve_triangular(LS, T1, lower=True)
+    X = jax.scipy.linalg.solve_triangular(LS, X.T, lower=True)
+    e = jnp.linalg.eigvalsh(sym(X))
+    zu = jax.scipy.linalg.solve_triangular(LS, u, lower=True)
+    return _Base(
+        A1=to_w(A1),
+        K1=to_w(K1),
+        Ct=Ct,
+        mu=mu,
+        L0=L0,
+        shift1=0.5 * jnp.sum(z1**2),
+        a=W.T @ (pre.minimum - m1),
+        u=W.T @ u,
+        log_e=jnp.log(e),
+        q_u=jnp.sum(zu**2),
+        tr_S1=jnp.trace(S1),
+        tr_T1=jnp.trace(T1),
+        t2=jnp.asarray(model.t_finetune),
+        W=W,
+        S1=S1,
+        T1=T1,
+        theta_S=pre.minimum,
+        m1=m1,
+        u_orig=u,
+    )
+
+
+# Per grid point, the factorisations are written in JAX (unblocked Cholesky and
+# forward substitution, O(d³) like LAPACK's) rather than calling LAPACK: vmapped
+# over a grid they vectorise across points, and they avoid jaxlib 0.10's batched
+# LAPACK custom calls on CPU, which deadlocked intermittently on this 2-core
+# machine when several ran concurrently (seen with d = 64, 2000 points).
+
+
+def _cholesky(A: Array) -> Array:
+    """Lower Cholesky factor, column by column (left-looking)."""
+    d = A.shape[-1]
+    idx = jnp.arange(d)
+
+    def body(j, L):
+        v = A[:, j] - L @ L[j]  # L[j] is zero from column j on
+        ljj = jnp.sqrt(v[j])
+        col = jnp.where(idx > j, v / ljj, jnp.where(idx == j, ljj, 0))
+        return L.at[:, j].set(col)
+
+    return lax.fori_loop(0, d, body, jnp.zeros_like(A))
+
+
+def _forward_substitution(L: Array, B: Array) -> Array:
+    """X with L X = B, L lower triangular."""
+    d = L.shape[-1]
+
+    def body(i, X):
+        row = (B[i] - L[i] @ X) / L[i, i]  # X[i:] is still zero
+        return X.at[i].set(row)
+
+    return lax.fori_loop(0, d, body, jnp.zeros_like(B))
+
+
+def _kl_from_chol(Lp: Array, Lq: Array, diff: Array) -> tuple[Array, Array]:
+    """Covariance and shift parts of KL(N(·, Lp Lpᵀ) ‖ N(·, Lq Lqᵀ)), as in
+    `jaxou.kl_parts` (a sum of non-negative terms: no cancellation)."""
+    d = Lp.shape[-1]
+    rhs = jnp.concatenate([Lp, diff[:, None]], axis=-1)
+    sol = _forward_substitution(Lq, rhs)
+    M, z = sol[:, :d], sol[:, d]
+    log_ratio = jnp.log(jnp.diagonal(Lp)) - jnp.log(jnp.diagonal(Lq))
+    cov = 0.5 * (jnp.sum(expm1mx(2 * log_ratio)) + jnp.sum(jnp.tril(M, -1) ** 2))
+    return cov, 0.5 * jnp.sum(z**2)
+
+
+def _bounds(kl1, kl2, h, kind):
+    b1 = pac_bayes_bound(
+        kl1, h["n_source"], h["delta"], empirical_risk=h["empirical_risk_source"], kind=kind
+    )
+    b2 = pac_bayes_bound(
+        kl2, h["n_target"], h["delta"], empirical_risk=h["empirical_risk_target"], kind=kind
+    )
+    t1 = b1 - h["empirical_risk_source"]
+    t2 = b2 - h["empirical_risk_target"]
+    return b1, b2, t1, t2
+
+
+def _point_eigen(base: _Base, h: dict[str, Array], laws: bool) -> dict:
+    r_s = h["pretrain_lr"] / h["pretrain_batch_size"]
+    r_t = h["finetune_lr"] / h["finetune_batch_size"]
+    c = h["target_hessian_scale"]
+    shift = h["target_shift"]
+    P = base.A1 + r_s * base.K1
+    f2, g2 = _scaled_flow(c * base.mu, base.t2)
+    Q = f2[:, None] * P * f2[None, :] + r_t * base.Ct * g2
+    Lp = _cholesky(P)
+    Lq = _cholesky(Q)
+    one_minus_f2 = jnp.where(
+        jnp.isinf(base.t2), 1, -jnp.expm1(-c * base.mu * jnp.where(jnp.isinf(base.t2), 0, base.t2))
+    )
+    diff2 = one_minus_f2 * (base.a + shift * base.u)
+    cov2, shift2 = _kl_from_chol(Lq, Lp, diff2)
+    cov1, _ = _kl_from_chol(Lp, base.L0, jnp.zeros_like(base.a))
+    shift1 = base.shift1
+    log_rho = jnp.log(r_t) - jnp.log(c) - jnp.log(r_s)
+    dcov = 0.5 * jnp.sum(expm1mx(log_rho + base.log_e))
+    dshift = 0.5 * shift**2 * base.q_u / r_s
+    kl1, kl2 = cov1 + shift1, cov2 + shift2
+    out = {
+        "source_trace": r_s * base.tr_S1,
+        "target_trace": (r_t / c) * base.tr_T1,
+        "discrepancy": KLDecomposition(dcov + dshift, dcov, dshift),
+        "pretrain_kl": KLDecomposition(kl1, cov1, shift1 + jnp.zeros_like(cov1)),
+        "finetune_kl": KLDecomposition(kl2, cov2, shift2),
+    }
+    if laws:
+        theta_t = base.theta_S + shift * base.u_orig
+        m2 = base.m1 + base.W @ diff2
+        back = lambda M: base.W @ M @ base.W.T
+        out["laws"] = {
+            "source": Gaussian(base.theta_S, r_s * base.S1),
+            "target": Gaussian(theta_t, (r_t / c) * base.T1),
+            "pretrained": Gaussian(base.m1, back(P)),
+            "finetuned": Gaussian(m2, back(Q)),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The plain path: rebuild the model at every point (the reference).
+
+
+def _model_at(model: TwoStage, h: dict[str, Array]) -> TwoStage:
+    u, _ = _shift_direction(model)
+    pre_min = model.pretrain.minimum
+    return eqx.tree_at(
+        lambda m: (
+            m.pretrain.lr,
+            m.pretrain.batch_size,
+            m.finetune.lr,
+            m.finetune.batch_size,
+            m.finetune.hessian,
+            m.finetune.minimum,
+        ),
+        model,
+        (
+            h["pretrain_lr"],
+            h["pretrain_batch_size"],
+            h["finetune_lr"],
+            h["finetune_batch_size"],
+            h["target_hessian_scale"] * model.finetune.hessian,
+            pre_min + h["target_shift"] * u,
+        ),
+    )
+
+
+def _point_plain(model: TwoStage, h: dict[str, Array], laws: bool) -> dict:
+    # The bounds of `two_stage_bound` need sample sizes; only its KL terms are used
+    # here (the bounds are computed from them by `_with_bounds`, for both paths).
+    m = _model_at(model, h)
+    b = two_stage_bound(m, 1.0, 1.0, 0.5)
+    src, tgt = m.pretrain.stationary(), m.finetune.stationary()
+    out = {
+        "source_trace": jnp.trace(src.cov),
+        "target_trace": jnp.trace(tgt.cov),
+        "discrepancy": domain_discrepancy(src, tgt),
+        "pretrain_kl": b.pretrain_kl,
+        "finetune_kl": b.finetune_kl,
+    }
+    if laws:
+        pre, fin = m.laws()
+        out["laws"] = {"source": src, "target": tgt, "pretrained": pre, "finetuned": fin}
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The compiled entry points. The KL terms depend on four numbers only (η_S/B_S,
+# η_T/B_T, the Hessian scale and the shift); the bounds add N, δ and R̂. So the
+# laws are computed once per distinct quadruple and the bounds at every point.
+
+_LAW_KEYS = (
+    "pretrain_lr",
+    "pretrain_batch_size",
+    "finetune_lr",
+    "finetune_batch_size",
+    "target_hessian_scale",
+    "target_shift",
+)
+
+
+def _point_fn(model, method, laws):
+    if method == "eigen":
+        base = _precompute(model)
+        return lambda h: _point_eigen(base, h, laws)
+    return lambda h: _point_plain(model, h, laws)
+
+
+def _with_bounds(out: dict, h: dict[str, Array], kind: str) -> dict:
+    b1, b2, t1, t2 = _bounds(out["pretrain_kl"].total, out["finetune_kl"].total, h, kind)
+    return {
+        **out,
+        "pretrain_bound": b1,
+        "finetune_bound": b2,
+        "pretrain_term": t1,
+        "finetune_term": t2,
+    }
+
+
+def _map(fn, flat, batch_size):
+    n = next(iter(flat.values())).shape[0]
+    if batch_size is None or batch_size >= n:
+        return jax.vmap(fn)(flat)
+    return lax.map(fn, flat, batch_size=batch_size)
+
+
+@eqx.filter_jit
+def _evaluate_flat(model, law_params, flat, inverse, kind, method, laws, batch_size):
+    TRACE_COUNT["evaluate"] += 1
+    out = _map(_point_fn(model, method, laws), law_params, batch_size)
+    out = jax.tree.map(lambda x: x[inverse], out)
+    return jax.vmap(lambda o, h: _with_bounds(o, h, kind))(out, flat)
+
+
+def _scalars(out: dict) -> dict[str, Array]:
+    """The flat scalar terms of one point's output, by TERMS name."""
+    flat = {"source_trace": out["source_trace"], "target_trace": out["target_trace"]}
+    for group in ("discrepancy", "pretrain_kl", "finetune_kl"):
+        for n, v in zip(("total", "covariance", "shift"), out[group]):
+            flat[f"{group}_{n}"] = v
+    for n in ("pretrain_bound", "finetune_bound", "pretrain_term", "finetune_term"):
+        flat[n] = out[n]
+    flat["total_term"] = out["pretrain_term"] + out["finetune_term"]
+    return flat
+
+
+@eqx.filter_jit
+def _sensitivity_flat(model, flat, kind, method, wrt, terms, batch_size):
+    TRACE_COUNT["sensitivity"] += 1
+    point = _point_fn(model, method, False)
+
+    def one(h):
+        def f(x):
+            hh = dict(h)
+            hh.update(x)
+            s = _scalars(_with_bounds(point(hh), hh, kind))
+            return {t: s[t] for t in terms}
+
+        return jax.jacfwd(f)({k: h[k] for k in wrt})
+
+    return _map(one, flat, batch_size)
+
+
+def _dedupe(h: dict[str, Array], n: int, dedupe: bool):
+    """The distinct law quadruples, padded to a power of two (so that grids of one
+    shape share a compiled program), and the index of each point's quadruple."""
+    if not dedupe or any(isinstance(h[k], jax.core.Tracer) for k in _LAW_KEYS):
+        return {k: h[k] for k in _LAW_KEYS}, jnp.arange(n)
+    cols = {k: np.asarray(h[k]) for k in _LAW_KEYS}
+    key = np.stack(
+        [
+            cols["pretrain_lr"] / cols["pretrain_batch_size"],
+            cols["finetune_lr"] / cols["finetune_batch_size"],
+            cols["target_hessian_scale"],
+            cols["target_shift"],
+        ],
+        axis=1,
+    )
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    size = min(n, 1 << max(0, int(len(first) - 1).bit_length()))
+    first = np.concatenate([first, np.full(size - len(first), first[0])])
+    return {k: jnp.asarray(cols[k][first]) for k in _LAW_KEYS}, jnp.asarray(inverse.ravel())
+
+
+def _auto_batch(d: int, n: int, budget_bytes: float = 2**28) -> int | None:
+    # About 24 d × d temporaries per point (forward and derivative together).
+    per_point = 24 * d * d * 8
+    size = max(1, int(budget_bytes // per_point))
+    return None if size >= n else size
+
+
+class GridResult(NamedTuple):
+    """Every term of the theory at every grid point; each array has the grid's
+    shape. `discrepancy`, `pretrain_kl` and `finetune_kl` are
+    [`jaxou.KLDecomposition`][]s `(total, covariance, shift)`.
+
+    - `hyper`: the hyperparameters, every field filled in and broadcast.
+    - `source_trace`, `target_trace`: $\\mathrm{tr}\\,\\Sigma_\\infty$ of the stationary
+      laws $\\pi_S$, $\\pi_T$ (the laws themselves with `laws=True`).
+    - `discrepancy`: KL$(\\pi_T\\|\\pi_S)$ ([`jaxou.domain_discrepancy`][]).
+    - `pretrain_kl`, `finetune_kl`: KL(pretrained ‖ init), KL(finetuned ‖ pretrained).
+    - `pretrain_bound`, `finetune_bound`, `pretrain_term`, `finetune_term`: as in
+      [`jaxou.two_stage_bound`][]; `total_term` is the sum of the two terms.
+    - `finetune_dominates`: `finetune_term > pretrain_term`.
+    - `laws`: `None`, or (with `laws=True`) a dict of batched [`jaxou.Gaussian`][]s
+      `source`, `target` (stationary), `pretrained`, `finetuned`.
+    """
+
+    hyper: Hyperparameters
+    source_trace: Array
+    target_trace: Array
+    discrepancy: KLDecomposition
+    pretrain_kl: KLDecomposition
+    finetune_kl: KLDecomposition
+    pretrain_bound: Array
+    finetune_bound: Array
+    pretrain_term: Array
+    finetune_term: Array
+    total_term: Array
+    finetune_dominates: Bool[Array, "*grid"]
+    laws: dict[str, Gaussian] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.total_term.shape)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Flat NumPy columns (hyperparameters, then every term in `TERMS` order,
+        then `finetune_dominates`), one row per grid point (C order)."""
+        cols = {k: np.asarray(getattr(self.hyper, k)).ravel() for k in HYPERPARAMETERS}
+        scal = _scalars(self._asdict())
+        for t in TERMS:
+            cols[t] = np.asarray(scal[t]).ravel()
+        cols["finetune_dominates"] = np.asarray(self.finetune_dominates).ravel()
+        return cols
+
+
+def evaluate(
+    model: TwoStage,
+    hyper: Hyperparameters,
+    *,
+    kind: Literal["mcallester", "kl"] = "mcallester",
+    method: Literal["eigen", "plain"] = "eigen",
+    laws: bool = False,
+    batch_size: int | None | Literal["auto"] = "auto",
+    dedupe: bool = True,
+) -> GridResult:
+    r"""Every term of the two-stage theory over a grid of hyperparameters, in one
+    jit-compiled, vmapped program.
+
+    **Arguments:**
+
+    - `model`: the base [`jaxou.TwoStage`][] (Hessians, noise covariances, minima,
+      initial law, durations; its learning rates and batch sizes are the defaults).
+    - `hyper`: a [`jaxou.Hyperparameters`][] (see [`jaxou.grid`][]); its fields
+      broadcast to the grid's shape.
+    - `kind`: the PAC-Bayes bound, `"mcallester"` or `"kl"` (see
+      [`jaxou.pac_bayes_bound`][]).
+    - `method`: `"eigen"` (default; one eigendecomposition of each Hessian for the
+      whole grid and closed forms in the scalars, see the module docstring) or
+      `"plain"` (rebuild the model and call [`jaxou.two_stage_bound`][] at each
+      point; the reference).
+    - `laws`: also return the four laws at every point (memory: grid × d²).
+    - `batch_size`: points evaluated at once (`lax.map` over batches of `vmap`);
+      `"auto"` picks one that keeps the temporaries near 256 MB; `None`: all.
+    - `dedupe`: the KL terms depend only on $(\eta_S/B_S, \eta_T/B_T, c, s)$;
+      with concrete inputs, compute them once per distinct quadruple (padded to
+      a power of two, so grids of one shape share one compiled program) and the
+      bounds at every point. `False`: every point computes everything.
+
+    **Returns:** a [`jaxou.GridResult`][] whose arrays have the grid's shape.
+
+    **Raises:** `ValueError` naming the field for grids of incompatible shapes or
+    values out of range ($\delta \notin (0,1)$, $N < 1$, $\hat R \notin [0,1]$,
+    non-positive learning rate, batch size or Hessian scale, negative shift);
+    `TypeError` for a wrong model or hyperparameter type.
+    """
+    if kind not in ("mcallester", "kl"):
+        raise ValueError(f"evaluate: unknown kind {kind!r}; use 'mcallester' or 'kl'")
+    if method not in ("eigen", "plain"):
+        raise ValueError(f"evaluate: unknown method {method!r}; use 'eigen' or 'plain'")
+    h, shape = _resolve(model, hyper)
+    n = int(np.prod(shape)) if shape else 1
+    flat = {k: v.reshape(n) for k, v in h.items()}
+    law_params, inverse = _dedupe(flat, n, dedupe)
+    if batch_size == "auto":
+        batch_size = _auto_batch(model.dim, law_params["pretrain_lr"].shape[0])
+    out = _evaluate_flat(model, law_params, flat, inverse, kind, method, laws, batch_size)
+    out = jax.tree.map(lambda x: x.reshape(shape + x.shape[1:]), out)
+    return GridResult(
+        hyper=Hyperparameters(**h),
+        source_trace=out["source_trace"],
+        target_trace=out["target_trace"],
+        discrepancy=out["discrepancy"],
+        pretrain_kl=out["pretrain_kl"],
+        finetune_kl=out["finetune_kl"],
+        pretrain_bound=out["pretrain_bound"],
+        finetune_bound=out["finetune_bound"],
+        pretrain_term=out["pretrain_term"],
+        finetune_term=out["finetune_term"],
+        total_term=out["pretrain_term"] + out["finetune_term"],
+        finetune_dominates=out["finetune_term"] > out["pretrain_term"],
+        laws=out.get("laws"),
+    )
+
+
+def sensitivity(
+    model: TwoStage,
+    hyper: Hyperparameters,
+    *,
+    terms: tuple[str, ...] | None = None,
+    wrt: tuple[str, ...] | None = None,
+    kind: Literal["mcallester", "kl"] = "mcallester",
+    method: Literal["eigen", "plain"] = "eigen",
+    batch_size: int | None | Literal["auto"] = "auto",
+) -> dict[str, dict[str, Float[Array, "*grid"]]]:
+    r"""Derivatives of every term with respect to every hyperparameter, at every
+    grid point: `result[term][name]` $= \partial\,\text{term}/\partial\,\text{name}$,
+    an array of the grid's shape.
+
+    Forward-mode (`jax.jacfwd`) per point, vmapped over the grid, in one compiled
+    program. With `method="plain"` the derivatives go through
+    [`jaxou.lyapunov`][]'s own derivative (its adjoint Lyapunov equation) and the
+    OU flow; `"eigen"` differentiates the closed forms of the fast path. Both are
+    checked against central finite differences in the tests.
+
+    **Arguments:** as [`jaxou.evaluate`][], and
+    - `terms`: names from `jaxou._sweep.TERMS` (default: all);
+    - `wrt`: names from `jaxou._sweep.HYPERPARAMETERS` (default: all).
+
+    Batch sizes and sample sizes are real-valued here (a derivative in $N$ or $B$
+    is the derivative of the smooth formula).
+    """
+    terms = TERMS if terms is None else tuple(terms)
+    wrt = HYPERPARAMETERS if wrt is None else tuple(wrt)
+    for t in terms:
+        if t not in TERMS:
+            close = difflib.get_close_matches(t, TERMS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"sensitivity: unknown term {t!r}{hint}; valid: {', '.join(TERMS)}")
+    for w in wrt:
+        if w not in HYPERPARAMETERS:
+            raise _unknown(w)
+    if kind not in ("mcallester", "kl"):
+        raise ValueError(f"sensitivity: unknown kind {kind!r}; use 'mcallester' or 'kl'")
+    if method not in ("eigen", "plain"):
+        raise ValueError(f"sensitivity: unknown method {method!r}; use 'eigen' or 'plain'")
+    h, shape = _resolve(model, hyper)
+    n = int(np.prod(shape)) if shape else 1
+    flat = {k: v.reshape(n) for k, v in h.items()}
+    if batch_size == "auto":
+        batch_size = _auto_batch(model.dim, n, 2**27)
+    out = _sensitivity_flat(model, flat, kind, method, wrt, terms, batch_size)
+    return jax.tree.map(lambda x: x.reshape(shape), out)
