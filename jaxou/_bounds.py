@@ -26,6 +26,21 @@ __all__ = [
 ]
 
 
+def _weighted_phi(w: Array, x: Array, diff: Array) -> Array:
+    """w φ(ln(x/w)) for w in (0, 1), x in [0, 1], given diff = x - w computed
+    without rounding from the original arguments (Sterbenz). Near x = w through
+    log1p of the relative difference (full relative accuracy); where ln(x/w) > 1 as
+    (x - w) - w ln(x/w) instead, which neither overflows for tiny w nor amplifies
+    the rounding of the logarithm through the exponential (found by a property test:
+    w = 1e-206 lost 30 ulps, w = 1e-308 gave NaN)."""
+    log_ratio = jnp.log(x) - jnp.log(w)
+    big = log_ratio > 1
+    w_safe = jnp.where(big, 1.0, w)
+    near = w * expm1mx(log1p(jnp.where(big, 0.0, diff / w_safe)))
+    far = diff - w * jnp.where(big, log_ratio, 0.0)
+    return jnp.where(big, far, near)
+
+
 def binary_kl(q: ArrayLike, p: ArrayLike) -> Array:
     r"""$\mathrm{kl}(q\,\|\,p) = q\ln\frac qp + (1-q)\ln\frac{1-q}{1-p}$, the KL
     divergence between Bernoulli laws, with $0\ln 0 = 0$.
@@ -41,9 +56,7 @@ def binary_kl(q: ArrayLike, p: ArrayLike) -> Array:
     q, p = q.astype(dtype), p.astype(dtype)
     inner = (q > 0) & (q < 1)
     qs = jnp.where(inner, q, 0.5)
-    a = q * expm1mx(log1p((p - qs) / qs))
-    b = (1 - q) * expm1mx(log1p((qs - p) / (1 - qs)))
-    general = a + b
+    general = _weighted_phi(qs, p, p - qs) + _weighted_phi(1 - qs, 1 - p, qs - p)
     # q = 0: kl = -ln(1-p);  q = 1: kl = -ln p.
     return jnp.where(q <= 0, -log1p(-p), jnp.where(q >= 1, -jnp.log(p), general))
 

@@ -45,6 +45,8 @@ __all__ = [
     "jsonable",
     "enable_x64",
     "library_message",
+    "add_config_arguments",
+    "load_command_config",
 ]
 
 # The subcommands, in the order `jaxou --help` lists them. Add yours here.
@@ -193,6 +195,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------
 # Helpers shared by the commands.
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, set_example: str) -> None:
+    """The options every config-driven command shares: `CONFIG.toml`, `--out` and
+    repeatable `--set TABLE.KEY=VALUE` overrides."""
+    parser.add_argument(
+        "config",
+        nargs="?",
+        metavar="CONFIG.toml",
+        help="configuration file (TOML); without it, the embedded default problem",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="output directory (overrides output.dir; default: results)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help=f"override one config key, VALUE in TOML syntax (repeatable), e.g. {set_example}",
+    )
+
+
+def load_command_config(args: argparse.Namespace):
+    """Load and validate the config of a command built with
+    [`add_config_arguments`][], and check that its output directory is usable.
+    Returns `(config, out_dir)`; raises `ConfigError` before any work."""
+    from ._config import load_config, parse_override
+
+    overrides = [parse_override(text) for text in args.overrides]
+    if args.out is not None:
+        overrides.append(("output", "dir", args.out))
+    config = load_config(args.config, overrides)
+    check_output_dir(config.output.dir)
+    return config, config.output.dir
 
 
 class Progress:

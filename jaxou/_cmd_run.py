@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-from ._config import BOUND_KINDS, Config, ConfigError, load_config, parse_override
+from ._config import BOUND_KINDS, Config, ConfigError
 
 __all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "solve", "summarise", "format_summary"]
 
@@ -51,30 +51,13 @@ FILES = ("summary.json", "arrays.npz", "stationary_laws.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "config",
-        nargs="?",
-        metavar="CONFIG.toml",
-        help="configuration file (TOML); without it, the embedded default problem",
-    )
+    from ._cli import add_config_arguments
+
+    add_config_arguments(parser, set_example="--set pretrain.lr=0.1 --set finetune.duration=inf")
     parser.add_argument(
         "--json",
         action="store_true",
         help="print the summary as JSON on stdout (and nothing else on stdout)",
-    )
-    parser.add_argument(
-        "--out",
-        metavar="DIR",
-        help="output directory (overrides output.dir; default: results)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="TABLE.KEY=VALUE",
-        help="override one config key, VALUE in TOML syntax (repeatable), "
-        "e.g. --set pretrain.lr=0.1 --set finetune.duration=inf",
     )
     parser.add_argument("--no-plot", action="store_true", help="do not draw stationary_laws.png")
     parser.add_argument(
@@ -527,19 +510,14 @@ def _with_hint(err: Exception, model) -> Exception:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._cli import Progress, check_output_dir, write_atomic
+    from ._cli import Progress, load_command_config, write_atomic
 
     progress = Progress(quiet=args.quiet)
 
     # 1. Validate everything before any numerical work.
-    overrides = [parse_override(text) for text in args.overrides]
-    if args.out is not None:
-        overrides.append(("output", "dir", args.out))
-    config = load_config(args.config, overrides)
+    config, out_dir = load_command_config(args)
     if args.mc_paths != 0 and args.mc_paths < 2:
         raise ConfigError(f"--mc-paths must be 0 (no check) or >= 2, got {args.mc_paths}")
-    out_dir = config.output.dir
-    check_output_dir(out_dir)
     plot = config.output.plot and not args.no_plot
 
     # 2. Compute everything (nothing is written yet).

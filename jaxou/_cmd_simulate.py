@@ -10,8 +10,6 @@ import json
 import os
 import sys
 
-from ._config import load_config, parse_override
-
 __all__ = ["HELP", "DESCRIPTION", "add_arguments", "run"]
 
 HELP = "simulate the two-stage problem by Monte Carlo and compare with the analytic laws"
@@ -43,21 +41,9 @@ FILES = ("simulate_summary.json", "simulate_arrays.npz", "simulate.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "config",
-        nargs="?",
-        metavar="CONFIG.toml",
-        help="configuration file (TOML); without it, the embedded default problem",
-    )
-    parser.add_argument("--out", metavar="DIR", help="output directory (overrides output.dir)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="TABLE.KEY=VALUE",
-        help="override one config key (repeatable), e.g. --set simulate.dt=0.005",
-    )
+    from ._cli import add_config_arguments
+
+    add_config_arguments(parser, set_example="--set simulate.dt=0.005")
     parser.add_argument(
         "--saves", type=int, default=101, metavar="K", help="saved times on [0, T1+T2] (>= 2)"
     )
@@ -66,15 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._cli import Progress, check_output_dir, enable_x64, jsonable, write_atomic
+    from ._cli import Progress, enable_x64, jsonable, load_command_config, write_atomic
 
     progress = Progress(quiet=args.quiet)
-    overrides = [parse_override(text) for text in args.overrides]
-    if args.out is not None:
-        overrides.append(("output", "dir", args.out))
-    config = load_config(args.config, overrides)
-    out_dir = config.output.dir
-    check_output_dir(out_dir)
+    config, out_dir = load_command_config(args)
     if args.saves < 2:
         raise ValueError(f"--saves must be >= 2, got {args.saves}")
     plot = config.output.plot and not args.no_plot

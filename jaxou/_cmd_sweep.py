@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 
-from ._config import BOUND_KINDS, load_config, parse_override
+from ._config import BOUND_KINDS
 
 __all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "grid_axes"]
 
@@ -67,16 +67,9 @@ DEFAULT_AXES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", metavar="CONFIG.toml", help="configuration (TOML)")
-    parser.add_argument("--out", metavar="DIR", help="output directory (overrides output.dir)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="TABLE.KEY=VALUE",
-        help="override one config key (repeatable), e.g. --set sweep.n_target=[100,1000]",
-    )
+    from ._cli import add_config_arguments
+
+    add_config_arguments(parser, set_example="--set sweep.n_target=[100,1000]")
     parser.add_argument(
         "--fresh", action="store_true", help="discard chunks of a different earlier sweep"
     )
@@ -325,15 +318,10 @@ def plot_sensitivity(table):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ._cli import Progress, check_output_dir, jsonable, write_atomic
+    from ._cli import Progress, jsonable, load_command_config, write_atomic
 
     progress = Progress(quiet=args.quiet)
-    overrides = [parse_override(text) for text in args.overrides]
-    if args.out is not None:
-        overrides.append(("output", "dir", args.out))
-    config = load_config(args.config, overrides)
-    out_dir = config.output.dir
-    check_output_dir(out_dir)
+    config, out_dir = load_command_config(args)
     axes = grid_axes(config)
     _check_axes(axes)
     kind = config.bound.kind
