@@ -644,6 +644,19 @@ class GridResult(NamedTuple):
         return cols
 
 
+def _prepare(who: str, model, hyper, kind: str, method: str):
+    """Validate the options shared by `evaluate` and `sensitivity`, resolve the
+    hyperparameters against the model and flatten the grid:
+    `(fields, grid shape, number of points, flat fields)`."""
+    if kind not in ("mcallester", "kl"):
+        raise ValueError(f"{who}: unknown kind {kind!r}; use 'mcallester' or 'kl'")
+    if method not in ("eigen", "plain"):
+        raise ValueError(f"{who}: unknown method {method!r}; use 'eigen' or 'plain'")
+    h, shape = _resolve(model, hyper)
+    n = int(np.prod(shape)) if shape else 1
+    return h, shape, n, {k: v.reshape(n) for k, v in h.items()}
+
+
 def evaluate(
     model: TwoStage,
     hyper: Hyperparameters,
@@ -684,13 +697,7 @@ def evaluate(
     non-positive learning rate, batch size or Hessian scale, negative shift);
     `TypeError` for a wrong model or hyperparameter type.
     """
-    if kind not in ("mcallester", "kl"):
-        raise ValueError(f"evaluate: unknown kind {kind!r}; use 'mcallester' or 'kl'")
-    if method not in ("eigen", "plain"):
-        raise ValueError(f"evaluate: unknown method {method!r}; use 'eigen' or 'plain'")
-    h, shape = _resolve(model, hyper)
-    n = int(np.prod(shape)) if shape else 1
-    flat = {k: v.reshape(n) for k, v in h.items()}
+    h, shape, n, flat = _prepare("evaluate", model, hyper, kind, method)
     law_params, inverse = _dedupe(flat, n, dedupe)
     if batch_size == "auto":
         batch_size = _auto_batch(model.dim, law_params["pretrain_lr"].shape[0])
@@ -750,13 +757,7 @@ def sensitivity(
     for w in wrt:
         if w not in HYPERPARAMETERS:
             raise _unknown(w)
-    if kind not in ("mcallester", "kl"):
-        raise ValueError(f"sensitivity: unknown kind {kind!r}; use 'mcallester' or 'kl'")
-    if method not in ("eigen", "plain"):
-        raise ValueError(f"sensitivity: unknown method {method!r}; use 'eigen' or 'plain'")
-    h, shape = _resolve(model, hyper)
-    n = int(np.prod(shape)) if shape else 1
-    flat = {k: v.reshape(n) for k, v in h.items()}
+    _, shape, n, flat = _prepare("sensitivity", model, hyper, kind, method)
     if batch_size == "auto":
         batch_size = _auto_batch(model.dim, n, 2**27)
     out = _sensitivity_flat(model, flat, kind, method, wrt, terms, batch_size)
