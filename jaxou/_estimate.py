@@ -113,7 +113,14 @@ def _mean_loss(loss_fn: LossFn, unravel, data) -> Callable[[Array], Array]:
 
 
 class Minimum(NamedTuple):
-    """The result of [`jaxou.train_to_minimum`][]."""
+    r"""The result of [`jaxou.train_to_minimum`][].
+
+    - `params`: the parameters reached, with the structure of the input `params`.
+    - `loss`: the training loss $L$ there.
+    - `grad_norm`: $\|\nabla L\|$ there (full batch): check it before trusting the
+      minimum.
+    - `losses`: the loss at each step (full batch), or of each mini-batch.
+    """
 
     params: Any  # same structure as the input params
     loss: Array  # training loss at the end
@@ -464,7 +471,18 @@ def _dense_cov(G):
 
 
 class StageEstimate(NamedTuple):
-    """The result of [`jaxou.estimate_stage`][]."""
+    r"""The result of [`jaxou.estimate_stage`][].
+
+    - `stage`: the [`jaxou.SGDStage`][] $(H, C, \theta^*, \eta, B)$, with dense
+      matrices.
+    - `unravel`: the function that maps a flat vector $\theta$ back to `params`.
+    - `params`: the minimum, with the structure of the input `params`.
+    - `hessian`, `noise_cov`: what [`jaxou.estimate_hessian`][] and
+      [`jaxou.estimate_noise_cov`][] returned (dense, or
+      [`jaxou.LowRankPlusDiagonal`][] factors).
+    - `grad_norm`: $\|\nabla L(\theta^*)\|$, how close $\theta^*$ is to a
+      stationary point.
+    """
 
     stage: SGDStage  # H, C, θ*, lr, B (dense)
     unravel: Callable[[Array], Any]  # θ ↦ params
