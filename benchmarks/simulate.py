@@ -132,14 +132,18 @@ def jax_variants(d, n, steps, dt, mode):
     return {k: wrap(f) for k, f in out.items()}
 
 
-def torch_variant(d, n, steps, dt, mode):
+def torch_variant(d, n, steps, dt, mode, threads):
     """torchsde's batched Euler with its default Brownian path (BrownianInterval).
     It costs ~10-40 ms per step or more, so it runs `steps // 50` steps
-    and its rate is per path-step (the timing loop divides by the steps it ran)."""
+    and its rate is per path-step (the timing loop divides by the steps it ran).
+    `threads`: torch's intra-op threads for this variant. Both 1 and all CPUs are
+    timed and the faster one is the baseline: on this shared 2-core machine torch
+    with 2 threads was 2-6× slower than with 1 whenever other work ran
+    (its worker threads wait for a core), so a single setting is not a fair
+    baseline."""
     import torch
     import torchsde
 
-    torch.set_num_threads(os.cpu_count() or 1)
     A, mu, G = (torch.from_numpy(x) for x in _problem(d))
 
     class SDE(torch.nn.Module):
@@ -158,6 +162,7 @@ def torch_variant(d, n, steps, dt, mode):
     ts = torch.linspace(0, steps * dt, steps // every + 1)
 
     def call():
+        torch.set_num_threads(threads)
         with torch.no_grad():
             ys = torchsde.sdeint(sde, torch.zeros(n, d), ts, dt=dt, method="euler")
             if mode == "stats10":
@@ -202,6 +207,103 @@ def sdeint_rate(d, steps, dt, n_paths=3):
 
 
 # ---------------------------------------------------------------------------
+# Generator levers: standard normals per second for the ways of drawing them that
+# were tried (d = 2 layout, summed into an accumulator inside a scan, so that each
+# variant is one compiled loop and nothing but the draw differs).
+
+
+def generator_variants(n: int, d: int, steps: int):
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from jaxou._solvers import box_muller_f32, paired_normals, threefry2x32
+
+    U = jnp.uint32
+    rot = (13, 15, 26, 6, 17, 29, 16, 24)
+
+    def threefry13(k0, k1, x0, x1):  # Threefry-2x32-13 (Salmon et al. 2011, Table 2)
+        ks = (k0, k1, k0 ^ k1 ^ U(0x1BD11BDA))
+        x0, x1 = x0 + k0, x1 + k1
+        for i in range(13):
+            x0 = x0 + x1
+            x1 = ((x1 << U(rot[i % 8])) | (x1 >> U(32 - rot[i % 8]))) ^ x0
+            if i % 4 == 3 or i == 12:
+                s = i // 4 + 1
+                x0, x1 = x0 + ks[s % 3], x1 + ks[(s + 1) % 3] + U(s)
+        return x0, x1
+
+    half = n // 2
+    c = jnp.arange(half * d, dtype=U).reshape(half, d)
+
+    def erfinv_normal(w):
+        u = (w >> U(8)).astype(jnp.float32) * (2.0**-23) - (1 - 2.0**-24)
+        return jnp.float32(math.sqrt(2)) * lax.erf_inv(u)
+
+    def draws(kind):
+        def draw(k0, i):
+            if kind == "jax_random_normal":
+                return jax.random.normal(jax.random.fold_in(k0, i), (n, d), jnp.float32)
+            kk = jax.random.key_data(k0).astype(U)
+            a, b = (threefry13 if kind.startswith("tf13") else threefry2x32)(kk[0], kk[1], c, i)
+            if kind == "tf20_erfinv_concat":  # one normal a word, two words concatenated
+                return jnp.concatenate([erfinv_normal(a), erfinv_normal(b)])
+            if kind == "tf20_boxmuller_two_outputs":  # both outputs used: hash recomputed
+                za, zb = box_muller_f32(a, b)
+                return za, zb
+            za, zb = box_muller_f32(a, b)
+            return lax.complex(za, zb)
+
+        if kind == "tf20_boxmuller_paired_jaxou":
+            draw = lambda k0, i: paired_normals(
+                jax.random.key_data(k0)[:1].astype(U),
+                jax.random.key_data(k0)[1:].astype(U),
+                (half, d),
+                jnp.float32,
+                i,
+            )[0]
+
+        @jax.jit
+        def run(key):
+            def body(acc, i):
+                z = draw(key, i.astype(U))
+                if isinstance(z, tuple):
+                    return (acc[0] + z[0], acc[1] + z[1]), None
+                return acc + z, None
+
+            z0 = draw(key, U(0))
+            acc0 = jax.tree.map(jnp.zeros_like, z0)
+            acc, _ = lax.scan(body, acc0, jnp.arange(steps))
+            return acc
+
+        return run
+
+    kinds = [
+        "jax_random_normal",
+        "tf20_erfinv_concat",
+        "tf20_boxmuller_two_outputs",
+        "tf20_boxmuller_paired_jaxou",
+        "tf13_boxmuller_paired",
+    ]
+    return {k: draws(k) for k in kinds}
+
+
+def generator_rates(n=100_000, d=2, steps=200, repeats=3):
+    import jax
+
+    variants = generator_variants(n, d, steps)
+    times = {k: [] for k in variants}
+    for f in variants.values():
+        jax.block_until_ready(f(jax.random.key(0)))
+    for r in range(repeats):
+        for k, f in variants.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(jax.random.key(r + 1)))
+            times[k].append(time.perf_counter() - t0)
+    return {k: n * d * steps / float(np.median(v)) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------------------
 # Peak memory: streamed statistics over 10^4 steps vs the final state only.
 
 _MEM_SCRIPT = """
@@ -230,6 +332,62 @@ def peak_rss_mb(d, n, steps, dt, mode):
 # ---------------------------------------------------------------------------
 
 
+TORCH_NOTE = (
+    "torchsde is timed with 1 thread and with all CPUs (rows `torchsde_1thr`, "
+    "`torchsde_2thr`) and the ratio uses the faster: on this shared 2-core machine "
+    "torch with 2 threads ran 2-6× slower than with 1 (same-run check) while other work ran."
+)
+
+
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:  # pragma: no cover
+        return "n/a"
+
+
+GENERATOR_NOTES = """\
+- `jax_random_normal`: JAX's default (Threefry-2x32, 20 rounds, `erfinv` transform).
+- `tf20_erfinv_concat`: the same hash and transform written as one fused loop
+  (jaxou's previous generator): one normal per 32-bit word, the two output words
+  of each hash concatenated.
+- `tf20_boxmuller_two_outputs`: Box–Muller (two normals from one hash) written to
+  two real arrays: XLA's CPU backend emits each fusion output by output, so the
+  hash is computed once per output; little gained.
+- `tf20_boxmuller_paired_jaxou` (adopted): the two normals of a hash as the real
+  and imaginary part of one complex number, so that one fused loop hashes once per
+  pair; sin/cos are short polynomials on a quarter turn, `log` and `sqrt` are
+  XLA's vectorised ones. Same hash as JAX (20 rounds). Tests: KS, four moments,
+  tail frequencies at 2, 3, 4 σ, the radius and angle laws of a pair,
+  correlations across the pair, neighbouring counters, steps and keys
+  (`tests/test_simulate.py::test_paired_normals_law`), the transform against its
+  float64 formula (`test_box_muller_f32_matches_float64_formula`), and every
+  moment test of the engine.
+- `tf13_boxmuller_paired`: Threefry-2x32-13, the fewest rounds Salmon et al.
+  (SC'11, Table 2) found Crush-resistant. Faster again, but with no safety margin
+  over the round count that passes BigCrush, and the Euler step's other costs
+  shrink its gain; not adopted.
+- Philox-4x32-10 was tried in a scratch benchmark: its 32×32→64-bit products
+  go through 64-bit integer multiplies, which AVX2 lacks; it ran slower than
+  Threefry-20 here and was not pursued.
+
+The Euler step itself (the adopted path, `method="euler"`, `brownian="fast"`):
+each stage is rewritten in the eigenbasis of its noise covariance,
+u = Pᵀ(y − μ), du = −PᵀAP u dt + diag(σ) dW (the same law, and the same Euler
+chain, as the original coordinates), so the noise is elementwise; the drift is
+elementwise too when A and D commute (an SGD stage whose noise shares the
+Hessian's eigenvectors), unrolled into d scaled columns for d ≤ 8, and one real
+matrix product for larger d. Paths r and r + 128 of each block of 256 share a
+complex state entry, so the whole step (hash, Box–Muller, drift, update) is one
+vectorised XLA loop per step with no normals materialised (checked in the
+optimised HLO: one fusion in the step loop; LLVM IR: 8-wide vectors). Two
+pitfalls found on the way: per-step keys derived by extra hashes were fused into
+that loop and recomputed for every entry (now the step's start time is the
+counter's second word), and a complex-by-complex product of the step size kept
+LLVM from vectorising the loop (now two real products).
+"""
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run")
@@ -248,7 +406,9 @@ def main(argv=None):
     for d, n in sizes:
         for mode in ("final", "stats10"):
             variants = jax_variants(d, n, steps, dt, mode)
-            variants["torchsde"] = torch_variant(d, n, steps, dt, mode)
+            cpus = os.cpu_count() or 1
+            for threads in sorted({1, cpus}):
+                variants[f"torchsde_{threads}thr"] = torch_variant(d, n, steps, dt, mode, threads)
             variants["numpy"] = numpy_variant(d, n, steps, dt, mode)
             A, mu, G = _problem(d)
             m_ref, S_ref = _euler_law(A, mu, G, np.zeros(d), dt, steps)
@@ -257,7 +417,11 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 mean, cov = call()
                 compile_s[name] = time.perf_counter() - t0
-                if name not in ("jax_rng_only", "torchsde") and not name.endswith("exact"):
+                if (
+                    name != "jax_rng_only"
+                    and not name.startswith("torchsde")
+                    and not name.endswith("exact")
+                ):
                     se = np.sqrt(np.diag(S_ref) / n)
                     z = np.max(np.abs(mean - m_ref) / se)
                     assert z < 6, f"{name} (d={d}, n={n}, {mode}): mean off by {z:.1f} SE"
@@ -269,7 +433,7 @@ def main(argv=None):
                     call()
                     times[name].append(time.perf_counter() - t0)
             for name in variants:
-                if name == "torchsde":  # ran fewer steps: rescale to per-path-step time
+                if name.startswith("torchsde"):  # ran fewer steps: rescale per path-step
                     scale = steps / max(10, steps // TORCH_STEP_DIVISOR)
                     times[name] = [t * scale for t in times[name]]
                     compile_s[name] *= scale
@@ -294,6 +458,9 @@ def main(argv=None):
                 )
             del variants
     sde_rates = {d: sdeint_rate(d, min(steps, 200), dt) for d, _ in sizes}
+    gen_rates = generator_rates(
+        n=4096 if args.quick else 100_000, steps=20 if args.quick else 200, repeats=repeats
+    )
 
     mem_steps = 1000 if args.quick else 10_000
     mem = {}
@@ -316,7 +483,10 @@ def main(argv=None):
                     vs_scan=e / get["jax_scan"]["path_steps_per_s"],
                     vs_rng_bound=e / get["jax_rng_only"]["path_steps_per_s"],
                     vs_diffrax_euler=e / get["jaxou_diffrax_euler"]["path_steps_per_s"],
-                    vs_torchsde=e / get["torchsde"]["path_steps_per_s"],
+                    vs_torchsde=e
+                    / max(
+                        r["path_steps_per_s"] for k, r in get.items() if k.startswith("torchsde")
+                    ),
                     vs_numpy=e / get["numpy"]["path_steps_per_s"],
                     vs_sdeint=e / sde_rates[d],
                     first_call_s=get["jaxou_euler"]["first_call_s"],
@@ -354,6 +524,8 @@ def main(argv=None):
         peak_rss_mb=mem,
         peak_rss_ratio_stats_vs_final=mem_ratio,
         peak_rss_steps=mem_steps,
+        generator_normals_per_s=gen_rates,
+        uptime=_uptime(),
     )
     os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ""
@@ -368,7 +540,8 @@ def main(argv=None):
         f"rounds; load average at the end {meta['loadavg'][0]:.1f}.",
         "",
         "| d | paths | mode | jaxou Euler (M path-steps/s) | vs scan loop | vs RNG bound "
-        "| vs diffrax.Euler | vs torchsde | vs NumPy | vs sdeint | first call (s) |",
+        "| vs diffrax.Euler | vs torchsde (faster of 1 and all threads) | vs NumPy | vs sdeint "
+        "| first call (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
@@ -379,6 +552,8 @@ def main(argv=None):
             f"{s['first_call_s']:.1f} |"
         )
     lines += [
+        "",
+        TORCH_NOTE,
         "",
         "All variants (M path-steps/s, median [min-max of the per-call rate]):",
         "",
@@ -399,7 +574,21 @@ def main(argv=None):
         f"Peak RSS over {mem_steps} steps (d=16, 4096 paths, subprocesses): final state only "
         f"{mem['final']:.0f} MB, statistics every 10 steps {mem['stats10']:.0f} MB "
         f"(ratio {mem_ratio:.2f}).",
+        "",
+        f"`uptime` at the end: {result['uptime']}",
+        "",
+        "## Normal generation: what was tried",
+        "",
+        "Float32 standard normals per second, each variant one compiled scan that only "
+        "draws (d = 2 layout, 100 000 rows, summed into an accumulator), same run:",
+        "",
+        "| variant | M normals/s | vs jax.random.normal |",
+        "|---|---|---|",
     ]
+    base = gen_rates["jax_random_normal"]
+    for k, v in gen_rates.items():
+        lines.append(f"| {k} | {v / 1e6:.1f} | {v / base:.2f}× |")
+    lines += ["", GENERATOR_NOTES]
     with open(os.path.join(args.out, f"simulate{suffix}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     try:

@@ -41,6 +41,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -58,10 +59,14 @@ from ._sgd import SGDStage, TwoStage
 from ._solvers import (
     BlockBrownianPath,
     CounterBrownianPath,
+    DiagonalNoiseTerm,
+    EigenDrift,
     ExactOU,
     FusedEuler,
     PathsControlTerm,
     exact_step_matrices,
+    noise_eigenbasis,
+    paired_normals,
 )
 from ._stats import Moments, block_moments, merge_host
 
@@ -307,13 +312,18 @@ def _brownian(keys, kind, levy, shape, dtype, start, end, tol):
     struct = jax.ShapeDtypeStruct(shape, dtype)
     levy = _concrete_levy(levy)
     if kind == "fast":
-        words = jax.vmap(jax.random.key_data)(keys).reshape(keys.shape[0], -1)[:, :2]
-        return CounterBrownianPath(words.astype(jnp.uint32), shape, jnp.dtype(dtype), levy)
+        return CounterBrownianPath(_key_words(keys), shape, jnp.dtype(dtype), levy)
     if kind == "diffrax":
         make = lambda k: diffrax.UnsafeBrownianPath(struct, k, levy_area=levy)
     else:
         make = lambda k: diffrax.VirtualBrownianTree(start, end, tol, struct, k, levy_area=levy)
     return BlockBrownianPath.build(make, keys, levy, start, end)
+
+
+def _key_words(keys) -> Array:
+    """The first two uint32 words of each key of a batch, `[n, 2]`."""
+    words = jax.vmap(jax.random.key_data)(keys).reshape(keys.shape[0], -1)[:, :2]
+    return words.astype(jnp.uint32)
 
 
 def _concrete_levy(levy):
@@ -355,7 +365,8 @@ def _run_chunk(
     keep_paths: bool,
     sharding: Any,
     max_steps: int,
-    symmetric: tuple[bool, ...],
+    exact_steps: tuple[Array, Array] | None = None,
+    euler_basis: tuple[Array, Array, Array] | None = None,
     progress: bool = False,
 ):
     dtype = initial.mean.dtype
@@ -371,9 +382,11 @@ def _run_chunk(
     # Initial states, drawn per block (chunk-independent).
     lam, V = jnp.linalg.eigh(initial.cov)
     root = V * jnp.sqrt(jnp.clip(lam, 0))[None, :]
-    z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), (BLOCK, d), dtype))(
-        block_keys
-    )
+    # The counter generator of the Brownian paths (one small compiled loop, where
+    # `jax.random.normal` over a batch of keys would add its own).
+    words = _key_words(jax.vmap(lambda k: jax.random.fold_in(k, 0))(block_keys))
+    zc = paired_normals(words[:, 0], words[:, 1], (BLOCK // 2, d), dtype)
+    z = jnp.concatenate([jnp.real(zc), jnp.imag(zc)], axis=1)  # [n_blocks, BLOCK, d]
     y = (initial.mean + z @ root.T).reshape(n, d)
     if sharding is not None:
         y = jax.lax.with_sharding_constraint(y, sharding)
@@ -395,47 +408,72 @@ def _run_chunk(
     bounds, tols = grid["bounds"].astype(dtype), grid["tol"].astype(dtype)
     n_int = stage_of.shape[0]
     if method == "exact":
+        # One exact jump per interval, with the step matrices computed on the host.
         m = d
         solver = None
         levy = diffrax.BrownianIncrement
-        # One exact jump per interval: the step matrices for every interval, batched
-        # before the loop (the symmetric-or-general branch is decided on the host).
-        covs = jnp.stack([p.diffusion_cov for p in processes])
-        flows, roots = jax.vmap(
-            lambda s, h: exact_step_matrices(stacked.drift[s], covs[s], h, symmetric=all(symmetric))
-        )(stage_of, jnp.where(empty, 1, t_b - t_a))
+        flows, roots = exact_steps
     else:
         m = processes[0].diffusion.shape[1]
         solver = _solver_for(method)
         levy = _levy_area(solver)
         flows = roots = jnp.zeros((n_int, 0), dtype)
 
+    def solve_with(terms, step_solver, ta, tb, h, y):
+        sol = diffrax.diffeqsolve(
+            terms,
+            step_solver,
+            ta,
+            tb,
+            h,
+            y,
+            saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=controller,
+            adjoint=diffrax.ForwardMode(),
+            max_steps=max_steps,
+        )
+        return sol.ys[0]
+
+    def solve_eigen(y, s, proc, ta, tb, h):
+        # Euler in the noise eigenbasis on a paired state (see `_solvers.EigenDrift`):
+        # u = Pᵀ(y - μ), rows r and r + BLOCK/2 of each block as one complex row.
+        P, B, sigma = (x[s] for x in euler_basis)
+        half = BLOCK // 2
+        u = ((y - proc.mean) @ P).reshape(n_blocks, 2, half, d)
+        u = jax.lax.complex(u[:, 0], u[:, 1])  # [n_blocks, half, d]
+        bm = CounterBrownianPath(
+            _key_words(stage_keys[s]), (BLOCK, d), jnp.dtype(dtype), levy, paired=True
+        )
+        terms = diffrax.MultiTerm(diffrax.ODETerm(EigenDrift(B)), DiagonalNoiseTerm(sigma, bm))
+        with warnings.catch_warnings():
+            # Diffrax warns about complex states in general; here only our own solver
+            # (real-linear: y + h f + noise) and Diffrax's linear bookkeeping touch it,
+            # and the paired layout is checked against the Euler chain's exact law.
+            warnings.filterwarnings("ignore", message="Complex dtype support in Diffrax")
+            u = solve_with(terms, solver, ta, tb, h, u)
+        u = jnp.concatenate([jnp.real(u), jnp.imag(u)], axis=1).reshape(n, d)
+        return proc.mean + u @ P.T
+
     def body(y, x):
         i, s, ta, tb, k, skip, flow, root = x
         proc = jax.tree.map(lambda leaf: leaf[s], stacked)
-        start, end = bounds[s, 0], bounds[s, 1]
-        bm = _brownian(stage_keys[s], brownian, levy, (BLOCK, m), dtype, start, end, tols[s])
-        terms = diffrax.MultiTerm(
-            diffrax.ODETerm(proc.drift_field), PathsControlTerm(proc.diffusion_field, bm)
-        )
         h = (tb - ta) / k
-        step_solver = ExactOU(proc.mean, flow, root, h) if method == "exact" else solver
-
-        def solve(y):
-            sol = diffrax.diffeqsolve(
-                terms,
-                step_solver,
-                ta,
-                tb,
-                h,
-                y,
-                saveat=diffrax.SaveAt(t1=True),
-                stepsize_controller=controller,
-                adjoint=diffrax.ForwardMode(),
-                max_steps=max_steps,
+        if euler_basis is not None:
+            solve = lambda y: solve_eigen(y, s, proc, ta, tb, h)
+        else:
+            start, end = bounds[s, 0], bounds[s, 1]
+            bm = _brownian(stage_keys[s], brownian, levy, (BLOCK, m), dtype, start, end, tols[s])
+            terms = diffrax.MultiTerm(
+                diffrax.ODETerm(proc.drift_field), PathsControlTerm(proc.diffusion_field, bm)
             )
-            return sol.ys[0]
-
+            if method == "exact":
+                # One jump per interval: the solver's step itself, without
+                # diffeqsolve's loop around it (a loop of one step; leaving it out
+                # makes the compiled program smaller and quicker to build).
+                exact = ExactOU(proc.mean, flow, root, h)
+                solve = lambda y: exact.step(terms, ta, tb, y, None, None, False)[0]
+            else:
+                solve = lambda y: solve_with(terms, solver, ta, tb, h, y)
         y = jax.lax.cond(skip, lambda y: y, solve, y)
         if progress:
             jax.debug.callback(_report_interval, i, n_int, y[0, 0])
@@ -457,6 +495,49 @@ def _run_chunk(
     if keep_paths:
         paths = jnp.swapaxes(paths, 0, 1)  # [n, s, d]
     return moments, paths
+
+
+# ---------------------------------------------------------------------------
+# Host-side precomputation (outside the compiled chunk: a smaller program).
+
+
+_exact_step_matrices = eqx.filter_jit(exact_step_matrices)
+
+
+def _exact_steps(processes, plan: _Plan, symmetric) -> tuple[Array, Array]:
+    """`(flows, roots)`, `[n_intervals, d, d]`: the exact transition of each
+    interval between saved times (one jump each), computed once per distinct
+    (stage, length) by a small compiled function."""
+    grid = plan.grid
+    cache: dict = {}
+    flows, roots = [], []
+    for s, ta, tb, empty in zip(grid["stage"], grid["t_a"], grid["t_b"], grid["empty"]):
+        h = 1.0 if empty else float(tb - ta)
+        k = (int(s), h)
+        if k not in cache:
+            p = processes[int(s)]
+            cache[k] = _exact_step_matrices(
+                p.drift, p.diffusion_cov, jnp.asarray(h, p.drift.dtype), symmetric=symmetric[int(s)]
+            )
+        flows.append(cache[k][0])
+        roots.append(cache[k][1])
+    return jnp.stack(flows), jnp.stack(roots)
+
+
+def _euler_basis(processes, dtype) -> tuple[Array, Array, Array]:
+    """`(P, B, sigma)` stacked over stages: each stage in its noise eigenbasis
+    (`_solvers.noise_eigenbasis`, float64 on the host); `B` is `[stages, d]` when
+    every stage's drift is diagonal there, else `[stages, d, d]`."""
+    eps = float(np.finfo(dtype).eps)
+    parts = [
+        noise_eigenbasis(np.asarray(p.drift), np.asarray(p.diffusion_cov), eps=eps)
+        for p in processes
+    ]
+    diagonal = all(b.ndim == 1 for _, b, _ in parts)
+    Ps = np.stack([P for P, _, _ in parts])
+    Bs = np.stack([b if diagonal or b.ndim == 2 else np.diag(b) for _, b, _ in parts])
+    sig = np.stack([x for _, _, x in parts])
+    return tuple(jnp.asarray(x, dtype) for x in (Ps, Bs, sig))
 
 
 # ---------------------------------------------------------------------------
@@ -563,12 +644,19 @@ def simulate(
       a chunk after the intervals between saved times (at most one line a second).
     - `max_steps`: the step budget; more steps than this is an error before any work.
     - `brownian`: `"fast"` (the default for fixed steps: a counter-based
-      fixed-step Brownian path, `jaxou._solvers.CounterBrownianPath`, the same
-      Threefry hash and inverse-CDF transform as `jax.random.normal` written as one
-      fused loop, ~4× faster on CPU), `"diffrax"` (a `diffrax.UnsafeBrownianPath`
-      per block of paths), or `"tree"` (a
-      `diffrax.VirtualBrownianTree` at a dyadic tolerance <= `dt/8`: the same Brownian path
-      whatever the step, for adaptive steps and convergence studies; slower).
+      fixed-step Brownian path, `jaxou._solvers.CounterBrownianPath`: Threefry-2x32
+      with 20 rounds, the hash of `jax.random.normal`, and a Box–Muller transform,
+      written so that each step is one vectorised loop; about 5× JAX's default
+      normal generation on CPU), `"diffrax"` (a `diffrax.UnsafeBrownianPath` per
+      block of paths), or `"tree"` (a `diffrax.VirtualBrownianTree` at a dyadic
+      tolerance <= `dt/8`: the same Brownian path whatever the step, for adaptive
+      steps and convergence studies; slower). With `"fast"`, `method="euler"`
+      integrates each stage in the eigenbasis of its noise covariance $D = GG^\top$:
+      $u = P^\top(y-\mu)$, $du = -P^\top AP\,u\,dt + \mathrm{diag}(\sigma)\,dW$
+      (`jaxou._solvers.EigenDrift`), the same process in law and the same Euler
+      chain, with elementwise noise and, when $A$ and $D$ commute (an SGD stage whose
+      noise shares the Hessian's eigenvectors), an elementwise drift; its draws
+      therefore differ from those of other methods given the same key.
     - `stepsize_controller`: a Diffrax controller, `ConstantStepSize()` by default;
       an adaptive one (e.g. `PIDController`) needs `brownian="tree"` (chosen
       automatically) and a solver with an error estimate (`"shark"`, `"sra1"`).
@@ -631,6 +719,10 @@ def simulate(
     )
     dtype = init_law.mean.dtype
     d = init_law.dim
+    exact_steps = _exact_steps(processes, plan, symmetric) if method == "exact" else None
+    euler_basis = None
+    if isinstance(method, str) and method in ("euler", "milstein") and brownian == "fast":
+        euler_basis = _euler_basis(processes, dtype)
 
     # ---- layout: blocks, chunks, devices
     devices = list(jax.devices() if devices is None else devices)
@@ -715,7 +807,8 @@ def simulate(
             keep_paths=keep_paths,
             sharding=sharding,
             max_steps=max_steps,
-            symmetric=symmetric,
+            exact_steps=exact_steps,
+            euler_basis=euler_basis,
             progress=progress,
         )
         moments = Moments(*(np.asarray(x, np.float64) for x in moments))
@@ -786,6 +879,19 @@ def kl_fit_floor(d: int, n: int) -> tuple[float, float]:
     return mean, math.sqrt(k / 2) / n
 
 
+def _kl_host(m_p, S_p, m_q, S_q) -> float:
+    """KL(N(m_p, S_p) ‖ N(m_q, S_q)) in float64 NumPy, through Cholesky factors:
+    ½[‖L_q⁻¹L_p‖²_F − d − 2 Σ ln(diag L_p / diag L_q) + ‖L_q⁻¹(m_p − m_q)‖²]."""
+    import scipy.linalg
+
+    Lp = np.linalg.cholesky(S_p)
+    Lq = np.linalg.cholesky(S_q)
+    M = scipy.linalg.solve_triangular(Lq, Lp, lower=True)
+    r = scipy.linalg.solve_triangular(Lq, m_p - m_q, lower=True)
+    logdet = 2 * np.sum(np.log(np.diag(Lp)) - np.log(np.diag(Lq)))
+    return float(0.5 * (np.sum(M**2) - len(m_p) - logdet + r @ r))
+
+
 def monte_carlo_check(
     model: TwoStage,
     key: PRNGKeyArray,
@@ -828,11 +934,17 @@ def monte_carlo_check(
     ts = [float(model.t_pretrain), t_end]
     sim = simulate(model, key, n_paths=n_paths, dt=dt, method=method, ts=ts)
     pre, fine = model.laws()
-    laws = Gaussian(jnp.stack([pre.mean, fine.mean]), jnp.stack([pre.cov, fine.cov]))
-    kls = np.asarray(sim.kl_to(laws))
-    z_mean, z_cov = sim.z_scores(laws)
-    z_var = np.diagonal(np.asarray(z_cov), axis1=-2, axis2=-1)
-    d = sim.mean.shape[-1]
+    # The comparison on the host in float64 (a few d x d factorisations): no
+    # compiled programs to build for it.
+    mean = np.asarray(sim.mean, np.float64)
+    cov = np.asarray(sim.cov, np.float64)
+    law_mean = np.stack([np.asarray(pre.mean, np.float64), np.asarray(fine.mean, np.float64)])
+    law_cov = np.stack([np.asarray(pre.cov, np.float64), np.asarray(fine.cov, np.float64)])
+    kls = np.array([_kl_host(mean[i], cov[i], law_mean[i], law_cov[i]) for i in range(2)])
+    var = np.diagonal(law_cov, axis1=-2, axis2=-1)
+    z_mean = (mean - law_mean) / np.sqrt(var / n_paths)
+    z_var = (np.diagonal(cov, axis1=-2, axis2=-1) - var) / np.sqrt(2 * var**2 / (n_paths - 1))
+    d = mean.shape[-1]
     k = 2 * 2 * d  # mean and variance entries, two stage ends
     z_thr = NormalDist().inv_cdf(1 - alpha / (2 * k))
     floor, sd = kl_fit_floor(d, n_paths)
