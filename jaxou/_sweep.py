@@ -30,8 +30,11 @@ base model), $r_S = \\eta_S/B_S$ and $r_T = \\eta_T/B_T$:
   \\varphi(\\ln(\\rho e_i))$ with $\\rho = r_T/(c\\,r_S)$ and $\\varphi(u) =
   e^u-1-u$; shift part $\\frac{s^2}{2 r_S} u^\\top(\\Sigma_S^{(1)})^{-1}u$.
 
-Per point this leaves two Cholesky factorisations and one triangular solve
-(the KL terms, in the stable form of [`jaxou.kl_parts`][]). The "plain" path
+Per point this leaves two Cholesky factorisations and two triangular solves whose
+right-hand sides are triangular (the KL terms, in the stable form of
+[`jaxou.kl_parts`][]), written as batched matrix products (recursive blocking,
+`jaxou._linalg.matmul_cholesky`), so that a gradient costs a small multiple of
+the forward evaluation. The "plain" path
 rebuilds the [`jaxou.TwoStage`][] at every point and calls
 [`jaxou.two_stage_bound`][] and [`jaxou.domain_discrepancy`][] (eigendecompositions
 and Lyapunov solves per point, derivatives through the Lyapunov solve's own
@@ -54,6 +57,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float
 
 from ._bounds import domain_discrepancy, pac_bayes_bound, two_stage_bound
 from ._gaussian import Gaussian, KLDecomposition
+from ._linalg import matmul_cholesky, matmul_solve_lower_tri
 from ._numerics import expm1mx
 from ._sgd import TwoStage
 
@@ -349,45 +353,20 @@ def _precompute(model: TwoStage) -> _Base:
     )
 
 
-# Per grid point, the factorisations are written in JAX (unblocked Cholesky and
-# forward substitution, O(d³) like LAPACK's) rather than calling LAPACK: vmapped
-# over a grid they vectorise across points, and they avoid jaxlib 0.10's batched
+# Per grid point, the factorisations are `jaxou._linalg`'s matrix-product
+# (recursively blocked) Cholesky and triangular solve rather than LAPACK: vmapped
+# over a grid they become batched matrix products, reverse mode through them costs
+# a small multiple of the forward pass, and they avoid jaxlib 0.10's batched
 # LAPACK custom calls on CPU, which deadlocked intermittently on this 2-core
 # machine when several ran concurrently (seen with d = 64, 2000 points).
-
-
-def _cholesky(A: Array) -> Array:
-    """Lower Cholesky factor, column by column (left-looking)."""
-    d = A.shape[-1]
-    idx = jnp.arange(d)
-
-    def body(j, L):
-        v = A[:, j] - L @ L[j]  # L[j] is zero from column j on
-        ljj = jnp.sqrt(v[j])
-        col = jnp.where(idx > j, v / ljj, jnp.where(idx == j, ljj, 0))
-        return L.at[:, j].set(col)
-
-    return lax.fori_loop(0, d, body, jnp.zeros_like(A))
-
-
-def _forward_substitution(L: Array, B: Array) -> Array:
-    """X with L X = B, L lower triangular."""
-    d = L.shape[-1]
-
-    def body(i, X):
-        row = (B[i] - L[i] @ X) / L[i, i]  # X[i:] is still zero
-        return X.at[i].set(row)
-
-    return lax.fori_loop(0, d, body, jnp.zeros_like(B))
+_cholesky = matmul_cholesky
 
 
 def _kl_from_chol(Lp: Array, Lq: Array, diff: Array) -> tuple[Array, Array]:
     """Covariance and shift parts of KL(N(·, Lp Lpᵀ) ‖ N(·, Lq Lqᵀ)), as in
-    `jaxou.kl_parts` (a sum of non-negative terms: no cancellation)."""
-    d = Lp.shape[-1]
-    rhs = jnp.concatenate([Lp, diff[:, None]], axis=-1)
-    sol = _forward_substitution(Lq, rhs)
-    M, z = sol[:, :d], sol[:, d]
+    `jaxou.kl_parts` (a sum of non-negative terms: no cancellation). M = Lq⁻¹ Lp is
+    lower triangular with diagonal Lp_ii / Lq_ii."""
+    M, z = matmul_solve_lower_tri(Lq, Lp, diff[:, None])
     log_ratio = jnp.log(jnp.diagonal(Lp)) - jnp.log(jnp.diagonal(Lq))
     cov = 0.5 * (jnp.sum(expm1mx(2 * log_ratio)) + jnp.sum(jnp.tril(M, -1) ** 2))
     return cov, 0.5 * jnp.sum(z**2)
@@ -591,7 +570,14 @@ def _dedupe(h: dict[str, Array], n: int, dedupe: bool):
     return {k: jnp.asarray(cols[k][first]) for k in _LAW_KEYS}, jnp.asarray(inverse.ravel())
 
 
-def _auto_batch(d: int, n: int, budget_bytes: float = 2**28) -> int | None:
+def _auto_batch(d: int, n: int, method: str, budget_bytes: float = 2**28) -> int | None:
+    if method == "plain":
+        # One point at a time: the plain path calls LAPACK (eigh, Cholesky) per
+        # point, and jaxlib's *batched* LAPACK kernels on CPU can deadlock XLA's
+        # thread pool when two run at once (seen with gdb: two batched `syevd`
+        # calls in ParallelBatchMap, both waiting, in benchmarks/sweep.py's
+        # 40-point plain evaluation).
+        return None if n <= 1 else 1
     # About 24 d × d temporaries per point (forward and derivative together).
     per_point = 24 * d * d * 8
     size = max(1, int(budget_bytes // per_point))
@@ -684,7 +670,9 @@ def evaluate(
       point; the reference).
     - `laws`: also return the four laws at every point (memory: grid × d²).
     - `batch_size`: points evaluated at once (`lax.map` over batches of `vmap`);
-      `"auto"` picks one that keeps the temporaries near 256 MB; `None`: all.
+      `"auto"` picks one that keeps the temporaries near 256 MB (one point at a
+      time for `method="plain"`, whose per-point LAPACK calls must not be
+      batched: see `_auto_batch`); `None`: all.
     - `dedupe`: the KL terms depend only on $(\eta_S/B_S, \eta_T/B_T, c, s)$;
       with concrete inputs, compute them once per distinct quadruple (padded to
       a power of two, so grids of one shape share one compiled program) and the
@@ -700,7 +688,7 @@ def evaluate(
     h, shape, n, flat = _prepare("evaluate", model, hyper, kind, method)
     law_params, inverse = _dedupe(flat, n, dedupe)
     if batch_size == "auto":
-        batch_size = _auto_batch(model.dim, law_params["pretrain_lr"].shape[0])
+        batch_size = _auto_batch(model.dim, law_params["pretrain_lr"].shape[0], method)
     out = _evaluate_flat(model, law_params, flat, inverse, kind, method, laws, batch_size)
     out = jax.tree.map(lambda x: x.reshape(shape + x.shape[1:]), out)
     return GridResult(
@@ -759,6 +747,6 @@ def sensitivity(
             raise _unknown(w)
     _, shape, n, flat = _prepare("sensitivity", model, hyper, kind, method)
     if batch_size == "auto":
-        batch_size = _auto_batch(model.dim, n, 2**27)
+        batch_size = _auto_batch(model.dim, n, method, 2**27)
     out = _sensitivity_flat(model, flat, kind, method, wrt, terms, batch_size)
     return jax.tree.map(lambda x: x.reshape(shape), out)
