@@ -627,3 +627,40 @@ def test_jsonable_is_strict_json():
     value = jsonable({"a": np.float64(np.inf), "b": np.array([1.0, np.nan]), "c": np.bool_(True)})
     assert value == {"a": "inf", "b": [1.0, "nan"], "c": True}
     json.dumps(value, allow_nan=False)
+
+
+# ---------------------------------------------------------------------------
+# jaxou simulate
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_simulate_command_exact_agrees_with_analytic(tmp_path, capsys, dtype):
+    """`jaxou simulate` with the exact sampler: files written, settings recorded, and the
+    KL of the empirical fit at both stage ends within 5 sd of a perfect sampler's."""
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL)
+    out = tmp_path / "sim"
+    argv = ["simulate", str(cfg), "--json", "--out", str(out), "-q", "--saves", "6"]
+    sets = {"method": '"exact"', "n_paths": "3000", "dtype": f'"{dtype}"'}
+    for key, value in sets.items():
+        argv += ["--set", f"simulate.{key}={value}"]
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary == json.loads((out / "simulate_summary.json").read_text())
+    assert summary["settings"]["dtype"] == dtype and summary["settings"]["n_paths"] == 3000
+    assert summary["settings"]["saves"] == 7  # 6 evenly spaced times and the stage boundary
+    floor, sd = summary["kl_floor"]["mean"], summary["kl_floor"]["std"]
+    for stage in ("pretrained", "finetuned"):
+        assert abs(summary["kl_to_analytic"][stage] - floor) < 5 * sd, summary
+    arrays = np.load(out / "simulate_arrays.npz")
+    assert arrays["mean"].dtype == np.float64 and arrays["mean"].shape == (7, 4)
+    assert (out / "simulate.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_simulate_command_default_settings():
+    cfg = load_config(None)
+    assert cfg.simulate.dtype == "float32" and cfg.simulate.n_paths == 4096
+    with pytest.raises(ConfigError, match=r"simulate\.dtype must be one of"):
+        load_config(None, [("simulate", "dtype", "float16")])
