@@ -160,12 +160,17 @@ def pac_bayes_bound(
 
     - `kind="mcallester"` (McAllester 1999, in the form of Maurer 2004 with
       Pinsker's inequality):
-      $$R(Q) \le \hat R(Q) + \sqrt{\frac{\mathrm{KL}(Q\|P) +
-      \ln(2\sqrt N/\delta)}{2N}};$$
+
+        $$R(Q) \le \hat R(Q) + \sqrt{\frac{\mathrm{KL}(Q\|P) +
+        \ln(2\sqrt N/\delta)}{2N}};$$
+
     - `kind="kl"` (Langford & Seeger 2001; Seeger 2002; Maurer 2004):
-      $$\mathrm{kl}(\hat R(Q)\,\|\,R(Q)) \le \frac{\mathrm{KL}(Q\|P) +
-      \ln(2\sqrt N/\delta)}{N},$$ so $R(Q) \le \mathrm{kl}^{-1}(\hat R(Q), \cdot)$
-      ([`jaxou.kl_inverse`][]); never looser than McAllester's.
+
+        $$\mathrm{kl}(\hat R(Q)\,\|\,R(Q)) \le \frac{\mathrm{KL}(Q\|P) +
+        \ln(2\sqrt N/\delta)}{N},$$
+
+        so $R(Q) \le \mathrm{kl}^{-1}(\hat R(Q), \cdot)$
+        ([`jaxou.kl_inverse`][]); never looser than McAllester's.
 
     The complexity term is $O(\sqrt{\mathrm{KL}/N})$. A value $\ge 1$ is a
     vacuous bound (it is not clipped, so that gradients stay informative).
@@ -229,7 +234,16 @@ def domain_discrepancy(source, target) -> KLDecomposition:
 
 
 class TwoStageBound(NamedTuple):
-    """The two PAC-Bayes terms of the two-stage model (see [`jaxou.two_stage_bound`][])."""
+    r"""The two PAC-Bayes terms of the two-stage model (see [`jaxou.two_stage_bound`][]).
+
+    - `pretrain_kl`: $\mathrm{KL}(\text{pretrained}\,\|\,\text{init})$, a
+      [`jaxou.KLDecomposition`][] (total, covariance, shift).
+    - `finetune_kl`: $\mathrm{KL}(\text{finetuned}\,\|\,\text{pretrained})$.
+    - `pretrain_bound`, `finetune_bound`: the bounds on the source and target risks.
+    - `pretrain_term`, `finetune_term`: the complexity terms, bound minus empirical
+      risk.
+    - `finetune_dominates`: whether the fine-tuning term is the larger one.
+    """
 
     pretrain_kl: KLDecomposition  # KL(pretrained ‖ init)
     finetune_kl: KLDecomposition  # KL(finetuned ‖ pretrained)

@@ -665,7 +665,8 @@ def evaluate(
     - `kind`: the PAC-Bayes bound, `"mcallester"` or `"kl"` (see
       [`jaxou.pac_bayes_bound`][]).
     - `method`: `"eigen"` (default; one eigendecomposition of each Hessian for the
-      whole grid and closed forms in the scalars, see the module docstring) or
+      whole grid, then closed forms in the scalars lr/B, the Hessian scale and the
+      shift, evaluated in that eigenbasis) or
       `"plain"` (rebuild the model and call [`jaxou.two_stage_bound`][] at each
       point; the reference).
     - `laws`: also return the four laws at every point (memory: grid × d²).
@@ -729,8 +730,17 @@ def sensitivity(
     checked against central finite differences in the tests.
 
     **Arguments:** as [`jaxou.evaluate`][], and
-    - `terms`: names from `jaxou._sweep.TERMS` (default: all);
-    - `wrt`: names from `jaxou._sweep.HYPERPARAMETERS` (default: all).
+
+    - `terms`: names among (default: all)
+      `source_trace`, `target_trace`, `discrepancy_total`, `discrepancy_covariance`,
+      `discrepancy_shift`, `pretrain_kl_total`, `pretrain_kl_covariance`,
+      `pretrain_kl_shift`, `finetune_kl_total`, `finetune_kl_covariance`,
+      `finetune_kl_shift`, `pretrain_bound`, `finetune_bound`, `pretrain_term`,
+      `finetune_term`, `total_term`;
+    - `wrt`: names among the fields of [`jaxou.Hyperparameters`][] (default: all)
+      `pretrain_lr`, `pretrain_batch_size`, `finetune_lr`, `finetune_batch_size`,
+      `n_source`, `n_target`, `delta`, `empirical_risk_source`,
+      `empirical_risk_target`, `target_shift`, `target_hessian_scale`.
 
     Batch sizes and sample sizes are real-valued here (a derivative in $N$ or $B$
     is the derivative of the smooth formula).

@@ -2,6 +2,7 @@
 and importing jaxou stays light."""
 
 import inspect
+import re
 import subprocess
 import sys
 import types
@@ -51,6 +52,19 @@ def test_every_public_name_is_documented():
 
 def test_import_is_light():
     code = "import sys, jaxou; print('matplotlib' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "False"
     assert out.stderr.strip() == ""
+
+
+def test_sensitivity_docstring_lists_the_valid_names():
+    from jaxou._sweep import HYPERPARAMETERS, TERMS
+
+    doc = inspect.getdoc(jaxou.sensitivity)
+    terms_part, wrt_part = doc.split("- `terms`:")[1].split("- `wrt`:")
+    listed_terms = re.findall(r"`(\w+)`", terms_part)
+    listed_wrt = re.findall(r"`(\w+)`", wrt_part.split("\n\n")[0])
+    assert listed_terms == list(TERMS)
+    assert [n for n in listed_wrt if n != "Hyperparameters"] == list(HYPERPARAMETERS)
