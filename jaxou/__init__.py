@@ -39,6 +39,7 @@ from ._structured import (
     DiagonalPlusLowRank as DiagonalPlusLowRank,
     LowRankDiagonal as LowRankDiagonal,
     StructuredGaussian as StructuredGaussian,
+    structured_error_bound as structured_error_bound,
     structured_kl as structured_kl,
     structured_stationary as structured_stationary,
     structured_two_stage_bound as structured_two_stage_bound,

@@ -244,3 +244,22 @@ class TwoStage(eqx.Module):
         """`(pretrained, finetuned)`, computing the pre-trained law once."""
         pre = self.pretrained()
         return pre, self.finetune.marginal(pre, self.t_finetune)
+
+    def marginal(self, t: Float[ArrayLike, "*s"]) -> Gaussian:
+        r"""The exact law of $\theta_t$ at time(s) `t` of the whole run: the
+        pre-training marginal for $t \le$ `t_pretrain`, then the fine-tuning marginal
+        started from the pre-trained law at $t -$ `t_pretrain`. `t` may be an array
+        (the result has its shape as batch shape) and may be traced; it is meant to lie
+        in $[0,$ `t_pretrain + t_finetune`$]$ (beyond, fine-tuning simply goes on).
+        """
+        t = jnp.asarray(t, self.pretrain.hessian.dtype)
+        pre = self.pretrained()
+        tp = self.t_pretrain
+
+        def one(s):
+            first = self.pretrain.marginal(self.init, jnp.minimum(s, tp))
+            second = self.finetune.marginal(pre, jnp.maximum(s - tp, 0.0))
+            return jax.tree.map(lambda a, b: jnp.where(s <= tp, a, b), first, second)
+
+        flat = jax.vmap(one)(t.reshape(-1))
+        return jax.tree.map(lambda x: x.reshape(t.shape + x.shape[1:]), flat)

@@ -193,14 +193,7 @@ def analytic_marginals(model: Model, ts: Float[ArrayLike, " s"], *, initial=None
     pre-trained law, after it."""
     ts = np.asarray(ts, np.float64).reshape(-1)
     if isinstance(model, TwoStage):
-        pre = model.pretrained()
-        tp = float(model.t_pretrain)
-        laws = [
-            model.pretrain.marginal(model.init, t)
-            if t <= tp
-            else model.finetune.marginal(pre, t - tp)
-            for t in ts
-        ]
+        return model.marginal(ts)
     else:
         proc = model.process if isinstance(model, SGDStage) else model
         if initial is None:

@@ -95,6 +95,49 @@ def test_two_stage_laws_compose(rng):
     assert rel_err(model.finetuned().cov, S2) < 1e-10
 
 
+def test_two_stage_marginal_over_time(rng):
+    """`TwoStage.marginal(t)` against SciPy's expm and Lyapunov solve, on both sides of
+    the stage boundary, for an array of times (and its ends equal `laws()`)."""
+    model = make_two_stage(rng)  # t_pretrain 5, t_finetune 2
+    H1, C1, mu1 = (
+        np.asarray(x)
+        for x in (model.pretrain.hessian, model.pretrain.noise_cov, model.pretrain.minimum)
+    )
+    H2, C2, mu2 = (
+        np.asarray(x)
+        for x in (model.finetune.hessian, model.finetune.noise_cov, model.finetune.minimum)
+    )
+
+    def step(H, C, mu, scale, m0, S0, t):
+        F = scipy.linalg.expm(-H * t)
+        S_inf = scipy.linalg.solve_continuous_lyapunov(H, scale * C)
+        return mu + F @ (m0 - mu), S_inf + F @ (S0 - S_inf) @ F.T
+
+    s1 = float(model.pretrain.lr / model.pretrain.batch_size)
+    s2 = float(model.finetune.lr / model.finetune.batch_size)
+    m1, S1 = step(H1, C1, mu1, s1, np.zeros(4), np.eye(4), 5.0)
+    ts = np.array([[0.0, 1.3, 5.0], [5.5, 6.1, 7.0]])
+    laws = model.marginal(ts)
+    assert laws.batch_shape == (2, 3)
+    for idx in np.ndindex(ts.shape):
+        t = ts[idx]
+        if t <= 5.0:
+            m, S = step(H1, C1, mu1, s1, np.zeros(4), np.eye(4), t)
+        else:
+            m, S = step(H2, C2, mu2, s2, m1, S1, t - 5.0)
+        np.testing.assert_allclose(laws.mean[idx], m, rtol=1e-10, atol=1e-13)
+        assert rel_err(laws.cov[idx], S) < 1e-10, (t, rel_err(laws.cov[idx], S))
+    pre, fine = model.laws()
+    np.testing.assert_allclose(laws.cov[0, 2], pre.cov, rtol=1e-12)
+    np.testing.assert_allclose(laws.cov[1, 2], fine.cov, rtol=1e-12)
+    # Traced times: under jit, and differentiable in t.
+    tr = jax.jit(lambda t: model.marginal(t).cov.trace())
+    np.testing.assert_allclose(tr(6.1), np.trace(laws.cov[1, 1]), rtol=1e-12)
+    g = jax.grad(lambda t: model.marginal(t).cov.trace())(6.1)
+    fd = (tr(6.1 + 1e-5) - tr(6.1 - 1e-5)) / 2e-5
+    assert abs(g - fd) < 1e-6 * max(1.0, abs(fd))
+
+
 def test_two_stage_infinite_durations(rng):
     model = make_two_stage(rng, t1=jnp.inf, t2=jnp.inf)
     pre, fine = model.laws()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from jaxou._structured import (
     DiagonalPlusLowRank,
     LowRankDiagonal,
     StructuredGaussian,
+    structured_error_bound,
     structured_kl,
     structured_stationary,
     structured_two_stage_bound,
@@ -135,3 +138,94 @@ def test_one_million_dimensions_in_seconds():
     assert exact_s and exact_t
     assert np.isfinite(total) and float(disc.shift) > 0
     assert elapsed < 30, elapsed
+
+
+def _spread_hessian(rng, d, k, ratio, eigenvalues=None):
+    """LowRankDiagonal Hessian whose diagonal remainder spans exactly [1/ratio, 1]."""
+    h = np.exp(rng.uniform(np.log(1.0 / ratio), 0.0, d))
+    h[rng.choice(d, 2, replace=False)] = [1.0 / ratio, 1.0]
+    lam = np.logspace(2, 0, k) if eigenvalues is None else eigenvalues
+    return LowRankDiagonal(_basis(rng, d, k), lam, h)
+
+
+def test_moderate_spread_is_within_the_documented_bound(rng):
+    """Spread 1.5 (ρ = 0.2): every truncation is within ρ^(n+1) of SciPy's dense
+    solution, on fresh random problems; also with a negative Hessian eigenvalue,
+    where the bound uses the generalised ρ."""
+    d, k = 30, 4
+    for draw in range(2):
+        eigenvalues = None if draw == 0 else np.array([5.0, 2.0, 1.0, -0.3])
+        H = _spread_hessian(rng, d, k, 1.5, eigenvalues)
+        C = LowRankDiagonal(_basis(rng, d, 2), [3.0, 0.5], rng.uniform(0.2, 1.0, d))
+        ref = _dense_law(H, C, np.zeros(d), 0.05, 32.0).cov
+        rho = (1.0 - 1 / 1.5) / (1.0 + 1 / 1.5 + 2 * min(0.0, np.min(H.eigenvalues)))
+        for n in (0, 1, 2, 3):
+            bound = float(structured_error_bound(H, C, corrections=n))
+            np.testing.assert_allclose(bound, rho ** (n + 1), rtol=1e-12)
+            law, exact = structured_stationary(H, C, np.zeros(d), 0.05, 32.0, corrections=n)
+            assert not exact
+            X = np.asarray(law.cov.dense())
+            err = np.linalg.norm(X - ref) / np.linalg.norm(ref)
+            assert err <= bound, (draw, n, err, bound)
+            assert np.linalg.eigvalsh(X).min() > 0
+        if draw == 0:
+            assert bound == pytest.approx(0.2**4)  # the documented 1.6e-3 at n = 3
+
+
+def test_error_bound_is_zero_when_exact_and_options_are_checked(rng):
+    for H, C in _exact_cases(rng):
+        assert float(structured_error_bound(H, C, corrections=2)) == 0.0
+    H = _spread_hessian(rng, D, K, 2.0)
+    C = DiagonalMatrix(np.ones(D))
+    with pytest.raises(ValueError, match="corrections must be >= 0"):
+        structured_stationary(H, C, np.zeros(D), 0.1, 1.0, corrections=-1)
+    with pytest.raises(TypeError, match="corrections must be a Python int"):
+        structured_error_bound(H, C, corrections=1.5)
+    with pytest.raises(ValueError, match="max_error_bound must lie in"):
+        structured_stationary(H, C, np.zeros(D), 0.1, 1.0, max_error_bound=0.0)
+
+
+def test_wide_spread_is_refused_before_the_solve(rng):
+    """Spread 100 (ρ = 0.98): the benchmark's one-correction result was indefinite
+    (NaN KL); the bound ρ² = 0.96 is refused, naming `corrections` and the spread."""
+    d = 20
+    H = _spread_hessian(rng, d, 3, 100.0)
+    C = LowRankDiagonal(_basis(rng, d, 2), [3.0, 0.5], rng.uniform(0.2, 1.0, d))
+    match = r"corrections=1 is not enough for the spread.*h_max/h_min = 100.*dense"
+    with pytest.raises(ValueError, match=match):
+        structured_stationary(H, C, np.zeros(d), 0.05, 32.0, corrections=1)
+    # Spread 10 (ρ = 0.82) needs 3 corrections for a bound below 1/2, and says so.
+    H10 = _spread_hessian(rng, d, 3, 10.0)
+    with pytest.raises(ValueError, match="use corrections >= 3"):
+        structured_stationary(H10, C, np.zeros(d), 0.05, 32.0, corrections=1)
+    structured_stationary(H10, C, np.zeros(d), 0.05, 32.0, corrections=1, max_error_bound=1.0)
+    # Under jit the refusal happens at run time.
+    solve = eqx.filter_jit(
+        lambda H, C: structured_stationary(H, C, jnp.zeros(d), 0.05, 32.0, corrections=1)[0]
+    )
+    with pytest.raises(
+        (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError), match="corrections=1"
+    ):
+        jax.block_until_ready(solve(H, C))
+
+
+def test_indefinite_result_below_the_bound_is_caught(rng):
+    """The bound is relative to ‖Σ‖_F: with a noise covariance spanning eight orders
+    of magnitude a truncation within it can still be indefinite; that is caught."""
+    d = 20
+    H = _spread_hessian(rng, d, 2, 3.0, np.array([10.0, 1.0]))
+    C = LowRankDiagonal(_basis(rng, d, 1), [100.0], rng.permutation(np.logspace(-8, 0, d)))
+    with pytest.raises(ValueError, match=r"corrections=1 is not positive definite.*noise_cov"):
+        structured_stationary(H, C, np.zeros(d), 1.0, 1.0, corrections=1)
+    solve = eqx.filter_jit(
+        lambda H, C: structured_stationary(H, C, jnp.zeros(d), 1.0, 1.0, corrections=1)[0]
+    )
+    with pytest.raises(
+        (eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError), match="not positive definite"
+    ):
+        jax.block_until_ready(solve(H, C))
+    # A well-conditioned problem passes the same jitted checks and matches eager.
+    C_ok = LowRankDiagonal(_basis(rng, d, 1), [1.0], rng.uniform(0.5, 1.0, d))
+    got = solve(H, C_ok).cov.dense()
+    want = structured_stationary(H, C_ok, np.zeros(d), 1.0, 1.0, corrections=1)[0].cov.dense()
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
