@@ -427,11 +427,11 @@ def structured_stationary(
       $\mathrm{diag}(\Lambda + h_0, h_0 I)$, so with $M = U^\top C U$ and
       $Y = (I - UU^\top)\,C\,U$ the solution is diagonal plus rank $m + 2k$,
 
-      $$\frac{\Sigma_\infty}{\eta/B} = \frac{C}{2h_0} + U\Big(G\circ M -
-      \frac{M}{2h_0}\Big)U^\top + U A Y^\top + Y A U^\top,$$
+        $$\frac{\Sigma_\infty}{\eta/B} = \frac{C}{2h_0} + U\Big(G\circ M -
+        \frac{M}{2h_0}\Big)U^\top + U A Y^\top + Y A U^\top,$$
 
-      $G_{ij} = 1/(\lambda_i+\lambda_j+2h_0)$ and
-      $A = \mathrm{diag}(1/(\lambda_i+2h_0) - 1/(2h_0))$.
+        $G_{ij} = 1/(\lambda_i+\lambda_j+2h_0)$ and
+        $A = \mathrm{diag}(1/(\lambda_i+2h_0) - 1/(2h_0))$.
     - **Approximate** otherwise (a non-constant $h$ with a $C$ that does not
       commute with $H$): a truncated Neumann series, as follows.
 
