@@ -297,7 +297,19 @@ def structured_error(quick: bool) -> list[dict]:
         ref = jaxou.Gaussian(jnp.zeros(d), jnp.asarray(0.5 * (S + S.T)))
         rho = (ratio - 1) / (ratio + 1)
         for n in (0, 1, 2, 3):
-            bound = float(jaxou.structured_error_bound(H, C, corrections=n))
+            row = {
+                "d": d,
+                "k": k,
+                "h_max_over_min": ratio,
+                "rho": rho,
+                "corrections": n,
+                "error_bound": float(jaxou.structured_error_bound(H, C, corrections=n)),
+                "refused": None,
+                "rank": None,
+                "cov_rel_err": None,
+                "kl_to_dense": None,
+            }
+            rows.append(row)
             try:
                 # max_error_bound=1: measure even what jaxou refuses by default.
                 law, exact = structured_stationary(
@@ -305,20 +317,7 @@ def structured_error(quick: bool) -> list[dict]:
                 )
             except ValueError as e:  # not positive definite: refused
                 print(f"[approx] h spread {ratio:g}, {n} corrections: refused ({e})")
-                rows.append(
-                    {
-                        "d": d,
-                        "k": k,
-                        "h_max_over_min": ratio,
-                        "rho": rho,
-                        "corrections": n,
-                        "error_bound": bound,
-                        "rank": None,
-                        "cov_rel_err": None,
-                        "kl_to_dense": None,
-                        "refused": str(e).splitlines()[0],
-                    }
-                )
+                row["refused"] = str(e).splitlines()[0]
                 continue
             assert not exact
             X = np.asarray(law.cov.dense())
@@ -329,20 +328,7 @@ def structured_error(quick: bool) -> list[dict]:
                 )
             except Exception:  # an indefinite approximation has no KL
                 kl = float("nan")
-            rows.append(
-                {
-                    "d": d,
-                    "k": k,
-                    "h_max_over_min": ratio,
-                    "rho": rho,
-                    "corrections": n,
-                    "error_bound": bound,
-                    "refused": None,
-                    "rank": int(law.cov.factor.shape[1]),
-                    "cov_rel_err": err,
-                    "kl_to_dense": kl,
-                }
-            )
+            row.update(rank=int(law.cov.factor.shape[1]), cov_rel_err=err, kl_to_dense=kl)
             print(
                 f"[approx] h spread {ratio:g} (rho {rho:.3f}), {n} corrections: "
                 f"rel. error {err:.2e}, KL(approx || dense) {kl:.2e}",
