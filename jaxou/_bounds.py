@@ -310,12 +310,29 @@ def _two_stage_bound(
     pre, fine = model.laws()
     kl1 = kl_parts(pre, model.init)
     kl2 = kl_parts(fine, pre)
+    return stage_bounds(
+        kl1, kl2, n_source, n_target, delta, empirical_risk_source, empirical_risk_target, kind
+    )
+
+
+def stage_bounds(
+    kl1: KLDecomposition,
+    kl2: KLDecomposition,
+    n_source,
+    n_target,
+    delta,
+    empirical_risk_source,
+    empirical_risk_target,
+    kind: str,
+) -> TwoStageBound:
+    """The two stages' bounds and complexity terms from their KL divergences
+    (shared by the dense, grid and structured two-stage bounds)."""
     b1 = pac_bayes_bound(
         kl1.total, n_source, delta, empirical_risk=empirical_risk_source, kind=kind
     )
     b2 = pac_bayes_bound(
         kl2.total, n_target, delta, empirical_risk=empirical_risk_target, kind=kind
     )
-    t1 = b1 - empirical_risk_source
-    t2 = b2 - empirical_risk_target
+    t1 = b1 - jnp.asarray(empirical_risk_source, b1.dtype)
+    t2 = b2 - jnp.asarray(empirical_risk_target, b2.dtype)
     return TwoStageBound(kl1, kl2, b1, b2, t1, t2, t2 > t1)

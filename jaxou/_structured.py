@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from ._bounds import TwoStageBound, pac_bayes_bound
+from ._bounds import TwoStageBound, stage_bounds
 from ._gaussian import KLDecomposition
 from ._linalg import as_float_array
 from ._numerics import expm1mx
@@ -657,12 +657,7 @@ def structured_two_stage_bound(
     """
     kl1 = structured_kl(source, init)
     kl2 = structured_kl(target, source)
-    b1 = pac_bayes_bound(
-        kl1.total, n_source, delta, empirical_risk=empirical_risk_source, kind=kind
+    bound = stage_bounds(
+        kl1, kl2, n_source, n_target, delta, empirical_risk_source, empirical_risk_target, kind
     )
-    b2 = pac_bayes_bound(
-        kl2.total, n_target, delta, empirical_risk=empirical_risk_target, kind=kind
-    )
-    t1 = b1 - jnp.asarray(empirical_risk_source, b1.dtype)
-    t2 = b2 - jnp.asarray(empirical_risk_target, b2.dtype)
-    return TwoStageBound(kl1, kl2, b1, b2, t1, t2, t2 > t1), kl2
+    return bound, kl2

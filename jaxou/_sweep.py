@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float
 
-from ._bounds import domain_discrepancy, pac_bayes_bound, two_stage_bound
+from ._bounds import domain_discrepancy, stage_bounds, two_stage_bound
 from ._gaussian import Gaussian, KLDecomposition
 from ._linalg import matmul_cholesky, matmul_solve_lower_tri
 from ._numerics import expm1mx
@@ -372,18 +372,6 @@ def _kl_from_chol(Lp: Array, Lq: Array, diff: Array) -> tuple[Array, Array]:
     return cov, 0.5 * jnp.sum(z**2)
 
 
-def _bounds(kl1, kl2, h, kind):
-    b1 = pac_bayes_bound(
-        kl1, h["n_source"], h["delta"], empirical_risk=h["empirical_risk_source"], kind=kind
-    )
-    b2 = pac_bayes_bound(
-        kl2, h["n_target"], h["delta"], empirical_risk=h["empirical_risk_target"], kind=kind
-    )
-    t1 = b1 - h["empirical_risk_source"]
-    t2 = b2 - h["empirical_risk_target"]
-    return b1, b2, t1, t2
-
-
 def _point_eigen(base: _Base, h: dict[str, Array], laws: bool) -> dict:
     r_s = h["pretrain_lr"] / h["pretrain_batch_size"]
     r_t = h["finetune_lr"] / h["finetune_batch_size"]
@@ -495,13 +483,22 @@ def _point_fn(model, method, laws):
 
 
 def _with_bounds(out: dict, h: dict[str, Array], kind: str) -> dict:
-    b1, b2, t1, t2 = _bounds(out["pretrain_kl"].total, out["finetune_kl"].total, h, kind)
+    b = stage_bounds(
+        out["pretrain_kl"],
+        out["finetune_kl"],
+        h["n_source"],
+        h["n_target"],
+        h["delta"],
+        h["empirical_risk_source"],
+        h["empirical_risk_target"],
+        kind,
+    )
     return {
         **out,
-        "pretrain_bound": b1,
-        "finetune_bound": b2,
-        "pretrain_term": t1,
-        "finetune_term": t2,
+        "pretrain_bound": b.pretrain_bound,
+        "finetune_bound": b.finetune_bound,
+        "pretrain_term": b.pretrain_term,
+        "finetune_term": b.finetune_term,
     }
 
 
