@@ -7,8 +7,9 @@
    shape): time of `jaxou.evaluate` (warm, median of repeats), against a
    SciPy/NumPy loop over a sample of the same grid (extrapolated), as a ratio;
    also the cost per point without deduplication of the law parameters.
-2. The cost of a gradient (reverse mode, every hyperparameter) relative to the
-   forward evaluation, on the same distinct points.
+2. The cost of a gradient (reverse mode, every hyperparameter, `jax.grad`
+   through `jaxou.evaluate`) relative to the forward evaluation, on the same
+   distinct points (interleaved rounds), and of every sensitivity (forward mode).
 3. The structured path (low-rank plus diagonal, exact case) at d = 10⁴, 10⁵,
    10⁶: time and peak memory (each size in its own process).
 4. The structured approximation (low-rank Hessian whose diagonal remainder is
@@ -95,7 +96,7 @@ def grid_benchmark(quick: bool) -> dict:
     import jaxou
     from jaxou._config import load_config
     from jaxou._problem import build_problem
-    from jaxou._sweep import _point_eigen, _precompute, _resolve, _with_bounds
+    from jaxou._sweep import _resolve
 
     d = 16 if quick else 64
     model, info = build_problem(load_config(None, [("problem", "dim", d)]))
@@ -165,34 +166,38 @@ def grid_benchmark(quick: bool) -> dict:
     per_point = t_distinct[0] / m
     print(f"[grid] distinct points: {1e6 * per_point:.0f} µs/point", flush=True)
 
-    # Gradient (reverse mode, every hyperparameter) against the forward pass.
-    # (on 256 of them, all in one vmapped batch)
+    # Gradient (reverse mode, every hyperparameter) against the forward pass, both
+    # through the public `jaxou.evaluate` (jit-compiled as wholes), on the first
+    # distinct points; interleaved rounds, so that both see the same machine load.
     mg = 128 if quick else 256
     hd, _ = _resolve(model, distinct)
     hd = {k: jnp.asarray(v)[:mg] for k, v in hd.items()}
-    base = jax.jit(_precompute)(model)
 
     def forward(hh):
-        out = jax.vmap(lambda p: _with_bounds(_point_eigen(base, p, False), p, "mcallester"))(hh)
-        return jnp.sum(out["pretrain_term"] + out["finetune_term"])
+        return jnp.sum(jaxou.evaluate(model, jaxou.Hyperparameters(**hh), dedupe=False).total_term)
 
-    fwd = jax.jit(forward)
-    grad = jax.jit(jax.grad(forward))
-    jax.block_until_ready(fwd(hd))
-    jax.block_until_ready(grad(hd))
-    t_fwd = _median_time(lambda: jax.block_until_ready(fwd(hd)), 3)
-    t_grad = _median_time(lambda: jax.block_until_ready(grad(hd)), 3)
+    few = jaxou.Hyperparameters(**hd)
+    fns = {
+        "forward": jax.jit(forward),
+        "gradient": jax.jit(jax.grad(forward)),
+        # every term × every hyperparameter, forward mode
+        "sensitivity": lambda hh: jaxou.sensitivity(model, few)["total_term"]["finetune_lr"],
+    }
+    for f in fns.values():
+        jax.block_until_ready(f(hd))
+    times = {k: [] for k in fns}
+    for _ in range(3 if quick else 7):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(hd))
+            times[k].append(time.perf_counter() - t0)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    rounds = np.asarray(times["gradient"]) / np.asarray(times["forward"])
     print(
-        f"[grad] forward {t_fwd[0]:.3f} s, gradient {t_grad[0]:.3f} s, "
-        f"ratio {t_grad[0] / t_fwd[0]:.2f}",
+        f"[grad] forward {med['forward']:.3f} s, gradient {med['gradient']:.3f} s, "
+        f"ratio {med['gradient'] / med['forward']:.2f} (rounds {rounds.min():.2f}–"
+        f"{rounds.max():.2f}); all sensitivities {med['sensitivity']:.3f} s",
         flush=True,
-    )
-    # Sensitivity (forward mode, every term × every hyperparameter) for reference.
-    few = jaxou.Hyperparameters(**{k: v[:mg] for k, v in hd.items()})
-    jax.block_until_ready(jaxou.sensitivity(model, few)["total_term"]["finetune_lr"])
-    t_sens = _median_time(
-        lambda: jax.block_until_ready(jaxou.sensitivity(model, few)["total_term"]["finetune_lr"]),
-        3,
     )
     scipy_total = scipy_per_point * n
     return {
@@ -211,11 +216,12 @@ def grid_benchmark(quick: bool) -> dict:
         "distinct_speedup_vs_scipy_per_point": scipy_per_point / per_point,
         "distinct_extrapolated_to_grid_s": per_point * n,
         "gradient_points": mg,
-        "forward_s": t_fwd[0],
-        "gradient_s": t_grad[0],
-        "gradient_over_forward": t_grad[0] / t_fwd[0],
-        "sensitivity_all_terms_all_hyper_s": t_sens[0],
-        "sensitivity_over_forward": t_sens[0] / t_fwd[0],
+        "forward_s": med["forward"],
+        "gradient_s": med["gradient"],
+        "gradient_over_forward": med["gradient"] / med["forward"],
+        "gradient_over_forward_rounds": [float(rounds.min()), float(rounds.max())],
+        "sensitivity_all_terms_all_hyper_s": med["sensitivity"],
+        "sensitivity_over_forward": med["sensitivity"] / med["forward"],
     }
 
 
@@ -419,7 +425,9 @@ def _markdown(res: dict) -> str:
         f"({g['distinct_extrapolated_to_grid_s']:.0f} s extrapolated to the grid)",
         f"- gradient (reverse mode, all 11 hyperparameters) / forward, on "
         f"{g['gradient_points']} distinct points: "
-        f"**{g['gradient_over_forward']:.2f}×**; all 16 terms × 11 hyperparameters "
+        f"**{g['gradient_over_forward']:.2f}×** (median of interleaved rounds; per round "
+        f"{g['gradient_over_forward_rounds'][0]:.2f}–{g['gradient_over_forward_rounds'][1]:.2f}×); "
+        "all 16 terms × 11 hyperparameters "
         f"(forward mode): {g['sensitivity_over_forward']:.1f}×",
         "",
         "## Structured path (low rank k = 8 plus diagonal, exact case)",
