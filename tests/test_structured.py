@@ -91,6 +91,38 @@ def test_dplr_linear_algebra(rng):
     np.testing.assert_allclose(M.trace(), np.trace(dense), rtol=1e-12)
 
 
+def test_dplr_algebra_with_a_rank_deficient_factor_and_indefinite_core(rng):
+    """The Gram-matrix algebra (no thin QR) neither inverts the factor's Gram
+    matrix nor the core: a repeated column (singular Gram matrix) and a core with
+    a negative eigenvalue (M still positive definite) give the dense results, and
+    the eigenvalues agree with `whitened`'s (QR-based)."""
+    Z = rng.standard_normal((D, 3))
+    Z = np.concatenate([Z, Z[:, :1]], axis=1)  # rank 3, four columns
+    S = np.array(
+        [[1.0, 0.2, 0.0, 0.3], [0.2, -0.1, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0], [0.3, 0.0, 0.0, 0.5]]
+    )
+    g = rng.uniform(1.0, 2.0, D)
+    M = DiagonalPlusLowRank(jnp.asarray(g), jnp.asarray(Z), jnp.asarray(S))
+    dense = np.asarray(M.dense())
+    assert np.linalg.eigvalsh(dense).min() > 0 and np.linalg.eigvalsh(S).min() < 0
+    v = rng.standard_normal(D)
+    np.testing.assert_allclose(M.solve(v), np.linalg.solve(dense, v), rtol=1e-10)
+    np.testing.assert_allclose(M.logdet(), np.linalg.slogdet(dense)[1], rtol=1e-12)
+    tau, _, _ = M._woodbury()
+    _, _, tau_qr = M.whitened()
+    np.testing.assert_allclose(np.sort(tau), np.sort(tau_qr), atol=1e-12 * np.abs(tau_qr).max())
+    other = DiagonalPlusLowRank(
+        jnp.asarray(rng.uniform(0.5, 1.0, D)), jnp.asarray(Z[:, :2]), jnp.eye(2)
+    )
+    p = StructuredGaussian(jnp.asarray(rng.standard_normal(D)), other)
+    q = StructuredGaussian(jnp.asarray(rng.standard_normal(D)), M)
+    want = jaxou.kl_parts(
+        jaxou.Gaussian(p.mean, other.dense()), jaxou.Gaussian(q.mean, jnp.asarray(dense))
+    )
+    for got, ref in zip(structured_kl(p, q), want):
+        np.testing.assert_allclose(got, ref, rtol=1e-10)
+
+
 def test_approximation_error_is_measured_and_shrinks(rng):
     """Non-constant diagonal remainder with a noise that does not commute: the
     Neumann-series approximation, error against the dense solution."""
