@@ -139,12 +139,19 @@ def kl_parts(p: Gaussian, q: Gaussian) -> KLDecomposition:
         raise ValueError(f"kl: dimensions differ, p has d={p.dim} and q has d={q.dim}")
     if p.mean.dtype != q.mean.dtype:
         raise TypeError(f"kl: p is {p.mean.dtype} but q is {q.mean.dtype}")
-    d = p.dim
-    batch = jnp.broadcast_shapes(p.batch_shape, q.batch_shape)
+    return _kl_parts(p.mean, p.cov, q.mean, q.cov)
+
+
+# One compiled program (eagerly, a dozen small operations each paid for its own
+# compilation on first use: about 2 s); inlined under an outer `jax.jit`.
+@jax.jit
+def _kl_parts(p_mean, p_cov, q_mean, q_cov) -> KLDecomposition:
+    d = p_mean.shape[-1]
+    batch = jnp.broadcast_shapes(p_mean.shape[:-1], q_mean.shape[:-1])
     covs = jnp.stack(
-        [jnp.broadcast_to(p.cov, batch + (d, d)), jnp.broadcast_to(q.cov, batch + (d, d))]
+        [jnp.broadcast_to(p_cov, batch + (d, d)), jnp.broadcast_to(q_cov, batch + (d, d))]
     )
-    diff = jnp.broadcast_to(p.mean - q.mean, batch + (d,))
+    diff = jnp.broadcast_to(p_mean - q_mean, batch + (d,))
     # Both factors come from ONE batched Cholesky call, with nothing else left to run
     # beside it. jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op
     # thread pool and block a pool thread while they wait (jax::ParallelBatchMap):
