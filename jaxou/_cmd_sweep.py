@@ -150,7 +150,10 @@ def _evaluate_chunk(model, hyper_cols, kind):
     from ._sweep import Hyperparameters, evaluate, sensitivity
 
     hyper = Hyperparameters(**hyper_cols)
-    cols = evaluate(model, hyper, kind=kind).columns()
+    # No deduplication: the number of distinct law parameters differs from chunk to
+    # chunk, and each new count would compile a new program (seconds), while
+    # evaluating every point of a chunk costs milliseconds.
+    cols = evaluate(model, hyper, kind=kind, dedupe=False).columns()
     sens = sensitivity(model, hyper, kind=kind, terms=SENS_TERMS, wrt=SENS_WRT)
     for t in SENS_TERMS:
         for w in SENS_WRT:
