@@ -20,7 +20,7 @@ from jaxou._sweep import HYPERPARAMETERS, TERMS, TRACE_COUNT
 D = 5
 
 
-def _model(rng, t_pretrain=40.0, t_finetune=5.0):
+def _model(rng, t_pretrain=40.0, t_finetune=5.0, init_cond=None):
     from helpers import random_psd, random_spd
 
     H_S = random_spd(rng, D, cond=50.0)
@@ -30,6 +30,8 @@ def _model(rng, t_pretrain=40.0, t_finetune=5.0):
     th_S = rng.standard_normal(D)
     th_T = th_S + 0.3 * rng.standard_normal(D)
     init = jaxou.Gaussian.isotropic(jnp.zeros(D), 0.3)
+    if init_cond is not None:  # a correlated, ill-conditioned initial law
+        init = jaxou.Gaussian(jnp.zeros(D), jnp.asarray(0.3 * random_spd(rng, D, cond=init_cond)))
     pre = jaxou.SGDStage(H_S, C_S, th_S, 0.05, 32.0)
     fine = jaxou.SGDStage(H_T, C_T, th_T, 0.01, 8.0)
     return jaxou.TwoStage(init, pre, fine, t_pretrain, t_finetune)
@@ -40,7 +42,7 @@ def models():
     rng = np.random.default_rng(1234)
     return {
         "finite": _model(rng),
-        "stationary": _model(rng, math.inf, math.inf),
+        "stationary": _model(rng, math.inf, math.inf, init_cond=1e4),
         "no_pretraining": _model(rng, 0.0, 3.0),
     }
 
