@@ -411,35 +411,128 @@ def _cov_part(M: Array) -> Array:
     return 0.5 * (jnp.sum(expm1mx(2 * jnp.log(jnp.diagonal(M)))) + jnp.sum(jnp.tril(M, -1) ** 2))
 
 
+def _kl_coefficients(P: Array, Q: Array, diff: Array, L0: Array):
+    """The three KL terms and the matrices of their derivative (see above):
+    `(terms, (G1, G2, H2, w))` with d cov₁ = ⟨G1, dP⟩, d cov₂ = ⟨G2, dP⟩ + ⟨H2, dQ⟩,
+    d shift₂ = −½ wᵀ dP w + wᵀ dδ (dP, dQ symmetric), and the L₀ factors."""
+    Lp, Lq = _cholesky(P), _cholesky(Q)
+    Ip, Iq, I0 = _tri_inverse(Lp), _tri_inverse(Lq), _tri_inverse(L0)
+    M, M0, z = jnp.tril(Ip @ Lq), jnp.tril(I0 @ Lp), Ip @ diff
+    terms = (_cov_part(M0), _cov_part(M), 0.5 * jnp.sum(z**2))
+    tn = lambda X, Y: jnp.einsum("ki,kj->ij", X, Y)  # Xᵀ Y
+    P_inv = tn(Ip, Ip)
+    B = tn(Ip, M)  # P⁻¹ L_q, so B Bᵀ = P⁻¹ Q P⁻¹
+    G1 = 0.5 * (tn(I0, I0) - P_inv)
+    G2 = 0.5 * (P_inv - B @ B.T)
+    H2 = 0.5 * (P_inv - tn(Iq, Iq))
+    return terms, (G1, G2, H2, Ip.T @ z), (I0, M0)
+
+
 def _kl_terms_jvp(primals, tangents):
     P, Q, diff, L0 = primals
     dP, dQ, ddiff, dL0 = tangents
     zero = jax.custom_derivatives.SymbolicZero
-    eye = jnp.eye(P.shape[-1], dtype=P.dtype)
-    Lp, Lq = _cholesky(P), _cholesky(Q)
-    Ip, Iq, I0 = _tri_inverse(Lp), _tri_inverse(Lq), _tri_inverse(L0)
-    M, M0, z = jnp.tril(Ip @ Lq), jnp.tril(I0 @ Lp), Ip @ diff
-    cov1, cov2, shift2 = _cov_part(M0), _cov_part(M), 0.5 * jnp.sum(z**2)
-    tn = lambda X, Y: jnp.einsum("ki,kj->ij", X, Y)  # Xᵀ Y
-    P_inv, S0_inv = tn(Ip, Ip), tn(I0, I0)
-    B = tn(Ip, M)  # P⁻¹ L_q, so B Bᵀ = P⁻¹ Q P⁻¹
-    w = Ip.T @ z
-    d1 = d2 = ds = jnp.zeros_like(cov1)
+    terms, (G1, G2, H2, w), (I0, M0) = _kl_coefficients(P, Q, diff, L0)
+    d1 = d2 = ds = jnp.zeros_like(terms[0])
     if not isinstance(dP, zero):
         sym = _lower_sym(dP)  # what a function reading the lower triangle sees
-        d1 = d1 + 0.5 * jnp.sum((S0_inv - P_inv) * sym)
-        d2 = d2 + 0.5 * jnp.sum((P_inv - B @ B.T) * sym)
+        d1 = d1 + jnp.sum(G1 * sym)
+        d2 = d2 + jnp.sum(G2 * sym)
         ds = ds - 0.5 * w @ sym @ w
     if not isinstance(dQ, zero):
-        d2 = d2 + 0.5 * jnp.sum((P_inv - tn(Iq, Iq)) * _lower_sym(dQ))
+        d2 = d2 + jnp.sum(H2 * _lower_sym(dQ))
     if not isinstance(ddiff, zero):
         ds = ds + w @ ddiff
     if not isinstance(dL0, zero):
+        eye = jnp.eye(P.shape[-1], dtype=P.dtype)
         d1 = d1 + jnp.sum(jnp.tril(I0.T @ (eye - M0 @ M0.T)) * dL0)
-    return (cov1, cov2, shift2), (d1, d2, ds)
+    return terms, (d1, d2, ds)
 
 
 _kl_terms.defjvp(_kl_terms_jvp, symbolic_zeros=True)
+
+
+def _point_laws(base: _Base, x: Array) -> tuple[Array, Array, Array]:
+    """P, Q (the pre-trained and fine-tuned covariances, basis W) and the mean
+    difference δ₂ at the point x = (r_S, r_T, c, shift)."""
+    r_s, r_t, c, shift = x[0], x[1], x[2], x[3]
+    P = base.A1 + r_s * base.K1
+    f2, g2 = _scaled_flow(c * base.mu, base.t2)
+    Q = f2[:, None] * P * f2[None, :] + r_t * base.Ct * g2
+    return P, Q, _one_minus_flow(base, c) * (base.a + shift * base.u)
+
+
+def _one_minus_flow(base: _Base, c: Array) -> Array:
+    """1 − e^{−cμt₂} without cancellation (1 for t₂ = ∞)."""
+    inf = jnp.isinf(base.t2)
+    return jnp.where(inf, 1, -jnp.expm1(-c * base.mu * jnp.where(inf, 0, base.t2)))
+
+
+# The KL terms as functions of the four scalars of a grid point. Differentiating
+# through P, Q and δ₂ (d × d per point) cost more in reverse mode than the KL's
+# own derivative: every scalar's cotangent is a reduction over d × d arrays,
+# pass after pass over memory. Here the rule computes the 3 × 4 Jacobian in the
+# forward pass (forward mode through P, Q, δ₂, four tangents, contracted with the
+# KL's derivative matrices), and both modes then only multiply by it. With a
+# tangent in the model's arrays (differentiating with respect to the model),
+# the rule differentiates the composition instead.
+@jax.custom_jvp
+def _point_kl(x: Array, base: _Base) -> tuple[Array, Array, Array]:
+    P, Q, diff = _point_laws(base, x)
+    return _kl_terms(P, Q, diff, base.L0)
+
+
+def _point_kl_jvp(primals, tangents):
+    x, base = primals
+    dx, dbase = tangents
+    zero = jax.custom_derivatives.SymbolicZero
+    is_zero = lambda t: isinstance(t, zero)
+    if not all(is_zero(t) for t in jax.tree.leaves(dbase, is_leaf=is_zero)):
+        instantiate = lambda t, p: jnp.zeros_like(p) if isinstance(t, zero) else t
+        dx = instantiate(dx, x)
+        dbase = jax.tree.map(instantiate, dbase, base, is_leaf=is_zero)
+        fun = lambda x, b: _kl_terms(*_point_laws(b, x), b.L0)
+        return jax.jvp(fun, (x, base), (dx, dbase))
+    # The derivatives of P, Q and δ₂ in the four scalars, contracted with the KL's
+    # derivative matrices as they are formed (no d × d × 4 array: those passes
+    # over memory were the cost). P = A₁ + r_S K₁; Q = F P F + r_T C_T∘g(c);
+    # δ₂ = (1 − f(c))∘(a + shift·u); f' and g' are dF/dc and dg/dc.
+    r_t, c, shift = x[1], x[2], x[3]
+    P, Q, diff = _point_laws(base, x)
+    terms, (G1, G2, H2, w), _ = _kl_coefficients(P, Q, diff, base.L0)
+    (f, g), (df, dg) = jax.jvp(
+        lambda c: _scaled_flow(c * base.mu, base.t2), (c,), (jnp.ones_like(c),)
+    )
+    v = base.a + shift * base.u
+    dQ_dc = (df[:, None] * f[None, :] + f[:, None] * df[None, :]) * P + r_t * base.Ct * dg
+    J = jnp.stack(
+        [
+            jnp.stack([jnp.sum(G1 * base.K1), 0 * c, 0 * c, 0 * c]),
+            jnp.stack(
+                [
+                    jnp.sum(G2 * base.K1 + H2 * (f[:, None] * base.K1 * f[None, :])),
+                    jnp.sum(H2 * base.Ct * g),
+                    jnp.sum(H2 * dQ_dc),
+                    0 * c,
+                ]
+            ),
+            jnp.stack(
+                [
+                    -0.5 * w @ base.K1 @ w,
+                    0 * c,
+                    -(w * df) @ v,
+                    w @ (_one_minus_flow(base, c) * base.u),
+                ]
+            ),
+        ]
+    )
+    if isinstance(dx, zero):
+        return terms, tuple(jnp.zeros_like(t) for t in terms)
+    dterms = J @ dx
+    return terms, (dterms[0], dterms[1], dterms[2])
+
+
+_point_kl.defjvp(_point_kl_jvp, symbolic_zeros=True)
 
 
 def _point_eigen(base: _Base, h: dict[str, Array], laws: bool) -> dict:
@@ -447,14 +540,8 @@ def _point_eigen(base: _Base, h: dict[str, Array], laws: bool) -> dict:
     r_t = h["finetune_lr"] / h["finetune_batch_size"]
     c = h["target_hessian_scale"]
     shift = h["target_shift"]
-    P = base.A1 + r_s * base.K1
-    f2, g2 = _scaled_flow(c * base.mu, base.t2)
-    Q = f2[:, None] * P * f2[None, :] + r_t * base.Ct * g2
-    one_minus_f2 = jnp.where(
-        jnp.isinf(base.t2), 1, -jnp.expm1(-c * base.mu * jnp.where(jnp.isinf(base.t2), 0, base.t2))
-    )
-    diff2 = one_minus_f2 * (base.a + shift * base.u)
-    cov1, cov2, shift2 = _kl_terms(P, Q, diff2, base.L0)
+    x = jnp.stack([r_s, r_t, c, shift])
+    cov1, cov2, shift2 = _point_kl(x, base)
     shift1 = base.shift1
     log_rho = jnp.log(r_t) - jnp.log(c) - jnp.log(r_s)
     dcov = 0.5 * jnp.sum(expm1mx(log_rho + base.log_e))
@@ -468,6 +555,7 @@ def _point_eigen(base: _Base, h: dict[str, Array], laws: bool) -> dict:
         "finetune_kl": KLDecomposition(kl2, cov2, shift2),
     }
     if laws:
+        P, Q, diff2 = _point_laws(base, x)
         theta_t = base.theta_S + shift * base.u_orig
         m2 = base.m1 + base.W @ diff2
         back = lambda M: base.W @ M @ base.W.T
