@@ -390,11 +390,11 @@ def _tri_inverse(L: Array) -> Array:
 #     ∂cov(P‖S₀)/∂P = ½(S₀⁻¹ − P⁻¹),  ∂cov(P‖S₀)/∂L₀ = tril(L₀⁻ᵀ(I − M₀M₀ᵀ)),
 # with M₀ = L₀⁻¹L_p. Written as a JVP whose tangent is a few inner products with
 # matrices that do not depend on the tangent, it serves both modes: reverse mode
-# transposes the inner products (a gradient costs about 2× the forward pass at
-# d = 64), and forward mode with many tangents (`sensitivity`) computes the
-# matrices once. The matrices come from the triangular inverses (matrix products
-# are the fast operation here); the factorisations have their own derivatives, so
-# the rule can be differentiated again.
+# transposes the inner products, and forward mode with many tangents computes
+# the matrices once. The matrices come from the triangular inverses (matrix
+# products are the fast operation here); the factorisations have their own
+# derivatives, so the rule can be differentiated again. The grid path uses the
+# same matrices one level up, in `_point_kl`.
 @jax.custom_jvp
 def _kl_terms(P: Array, Q: Array, diff: Array, L0: Array) -> tuple[Array, Array, Array]:
     """`(cov(P ‖ L₀L₀ᵀ), cov(Q ‖ P), shift(Q ‖ P))` with mean difference `diff`."""
