@@ -472,14 +472,17 @@ def _one_minus_flow(base: _Base, c: Array) -> Array:
 # through P, Q and δ₂ (d × d per point) cost more in reverse mode than the KL's
 # own derivative: every scalar's cotangent is a reduction over d × d arrays,
 # pass after pass over memory. Here the rule computes the 3 × 4 Jacobian in the
-# forward pass (forward mode through P, Q, δ₂, four tangents, contracted with the
-# KL's derivative matrices), and both modes then only multiply by it. With a
-# tangent in the model's arrays (differentiating with respect to the model),
-# the rule differentiates the composition instead.
-@jax.custom_jvp
-def _point_kl(x: Array, base: _Base) -> tuple[Array, Array, Array]:
+# forward pass (the closed-form derivatives of P, Q and δ₂ in the four scalars,
+# contracted with the KL's derivative matrices as they are formed), and both
+# modes then only multiply by it. With a tangent in the model's arrays
+# (differentiating with respect to the model), the rule differentiates the
+# composition instead.
+def _point_kl_value(x: Array, base: _Base) -> tuple[Array, Array, Array]:
     P, Q, diff = _point_laws(base, x)
     return _kl_terms(P, Q, diff, base.L0)
+
+
+_point_kl = jax.custom_jvp(_point_kl_value)
 
 
 def _point_kl_jvp(primals, tangents):
@@ -491,8 +494,10 @@ def _point_kl_jvp(primals, tangents):
         instantiate = lambda t, p: jnp.zeros_like(p) if isinstance(t, zero) else t
         dx = instantiate(dx, x)
         dbase = jax.tree.map(instantiate, dbase, base, is_leaf=is_zero)
-        fun = lambda x, b: _kl_terms(*_point_laws(b, x), b.L0)
-        return jax.jvp(fun, (x, base), (dx, dbase))
+        return jax.jvp(_point_kl_value, (x, base), (dx, dbase))
+    if is_zero(dx):
+        terms = _point_kl_value(x, base)
+        return terms, tuple(jnp.zeros_like(t) for t in terms)
     # The derivatives of P, Q and δ₂ in the four scalars, contracted with the KL's
     # derivative matrices as they are formed (no d × d × 4 array: those passes
     # over memory were the cost). P = A₁ + r_S K₁; Q = F P F + r_T C_T∘g(c);
@@ -526,8 +531,6 @@ def _point_kl_jvp(primals, tangents):
             ),
         ]
     )
-    if isinstance(dx, zero):
-        return terms, tuple(jnp.zeros_like(t) for t in terms)
     dterms = J @ dx
     return terms, (dterms[0], dterms[1], dterms[2])
 
