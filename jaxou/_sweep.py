@@ -369,9 +369,7 @@ def _kl_from_chol(Lp: Array, Lq: Array, diff: Array) -> tuple[Array, Array]:
     `jaxou.kl_parts` (a sum of non-negative terms: no cancellation). M = Lq⁻¹ Lp is
     lower triangular with diagonal Lp_ii / Lq_ii."""
     M, z = matmul_solve_lower_tri(Lq, Lp, diff[:, None])
-    log_ratio = jnp.log(jnp.diagonal(Lp)) - jnp.log(jnp.diagonal(Lq))
-    cov = 0.5 * (jnp.sum(expm1mx(2 * log_ratio)) + jnp.sum(jnp.tril(M, -1) ** 2))
-    return cov, 0.5 * jnp.sum(z**2)
+    return _cov_part(M), 0.5 * jnp.sum(z**2)
 
 
 def _tri_inverse(L: Array) -> Array:
