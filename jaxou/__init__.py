@@ -30,7 +30,7 @@ from ._gaussian import (
     kl_parts as kl_parts,
     w2 as w2,
 )
-from ._linalg import LyapunovStatus as LyapunovStatus, lyapunov as lyapunov
+from ._lyapunov import LyapunovStatus as LyapunovStatus, lyapunov as lyapunov
 from ._ou import OUDiffusion as OUDiffusion, OUDrift as OUDrift, OUProcess as OUProcess
 from ._sgd import SGDStage as SGDStage, TwoStage as TwoStage
 from ._simulate import Simulation as Simulation, simulate as simulate

@@ -9,10 +9,22 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from ._linalg import as_float_array
+from ._misc import as_float_array, is_concrete
 from ._numerics import expm1mx as _phi
+from ._operator import (
+    DENSE_LIMIT,
+    AbstractOperator,
+    Dense,
+    Diagonal,
+    DiagonalPlusLowRank,
+    as_dplr,
+    check_matrix,
+    densify,
+    psd_sqrt,
+)
 
 __all__ = ["Gaussian", "KLDecomposition", "kl", "kl_parts", "w2"]
 
@@ -26,27 +38,55 @@ class KLDecomposition(NamedTuple):
 
 
 class Gaussian(eqx.Module):
-    r"""A multivariate normal law $N(\mu, \Sigma)$, with optional leading batch
-    dimensions shared by `mean` and `cov`.
+    r"""A multivariate normal law $N(\mu, \Sigma)$.
+
+    The covariance is a dense array, with optional leading batch dimensions
+    shared by `mean` and `cov`, or an operator ([`jaxou.Diagonal`][],
+    [`jaxou.DiagonalPlusLowRank`][], [`jaxou.Dense`][]) for large $d$ (then a single
+    law: `mean` is `[d]`). [`jaxou.kl`][], [`jaxou.kl_parts`][], [`jaxou.w2`][],
+    `log_prob` and `sample` dispatch on the representation; a `Dense` operator is
+    stored as its array.
 
     **Arguments:**
 
     - `mean`: $\mu$, shape `[*batch, d]`.
-    - `cov`: $\Sigma$, symmetric positive semi-definite, shape `[*batch, d, d]`
-      (positive definite wherever a density, a KL or a log-density is asked).
+    - `cov`: $\Sigma$, symmetric positive semi-definite: an array `[*batch, d, d]`
+      or an operator (positive definite wherever a density, a KL or a log-density
+      is asked).
 
-    **Raises:** `ValueError` if the shapes do not fit; `TypeError` for mismatched
-    float dtypes or complex inputs.
+    **Raises:** `ValueError` if the shapes do not fit, or (for concrete values)
+    for non-finite entries, a non-symmetric or an indefinite covariance (checked by
+    an eigendecomposition where it is cheap: up to about $2\cdot10^9$ flops);
+    `TypeError` for mismatched float dtypes or complex inputs.
     """
 
     mean: Float[Array, "*batch d"]
-    cov: Float[Array, "*batch d d"]
+    cov: Float[Array, "*batch d d"] | AbstractOperator
 
-    def __init__(self, mean: Float[ArrayLike, "*batch d"], cov: Float[ArrayLike, "*batch d d"]):
+    def __init__(
+        self,
+        mean: Float[ArrayLike, "*batch d"],
+        cov: Float[ArrayLike, "*batch d d"] | AbstractOperator,
+    ):
         mean = as_float_array(mean, "mean")
-        cov = as_float_array(cov, "cov")
         if mean.ndim < 1:
             raise ValueError(f"Gaussian: mean must be [..., d], got shape {mean.shape}")
+        if is_concrete(mean) and not np.all(np.isfinite(np.asarray(mean))):
+            raise ValueError("Gaussian: mean has non-finite entries (NaN or inf)")
+        if isinstance(cov, Dense):
+            cov = cov.matrix
+        if isinstance(cov, AbstractOperator):
+            if mean.shape != (cov.dim,):
+                raise ValueError(
+                    f"Gaussian: a {type(cov).__name__} covariance of dimension {cov.dim} needs "
+                    f"a mean of shape ({cov.dim},), got {mean.shape}"
+                )
+            if mean.dtype != cov.dtype:
+                raise TypeError(f"Gaussian: mean is {mean.dtype} but cov is {cov.dtype}")
+            cov.check("Gaussian: cov", definite=False)
+            self.mean, self.cov = mean, cov
+            return
+        cov = as_float_array(cov, "cov")
         if cov.ndim < 2 or cov.shape[-1] != cov.shape[-2]:
             raise ValueError(f"Gaussian: cov must be [..., d, d], got shape {cov.shape}")
         if cov.shape[-1] != mean.shape[-1]:
@@ -62,6 +102,7 @@ class Gaussian(eqx.Module):
                 f"Gaussian: batch shapes of mean {mean.shape[:-1]} and cov "
                 f"{cov.shape[:-2]} do not broadcast"
             ) from None
+        check_matrix("Gaussian: cov", cov, definite=False)
         d = mean.shape[-1]
         self.mean = jnp.broadcast_to(mean, batch + (d,))
         self.cov = jnp.broadcast_to(cov, batch + (d, d))
@@ -76,6 +117,16 @@ class Gaussian(eqx.Module):
         """The leading batch dimensions."""
         return self.mean.shape[:-1]
 
+    @property
+    def is_dense(self) -> bool:
+        """Whether the covariance is held as a dense array."""
+        return not isinstance(self.cov, AbstractOperator)
+
+    def cov_matrix(self) -> Float[Array, "*batch d d"]:
+        """The covariance as a dense array (an operator's `as_matrix()`, refused
+        above jaxou's dense limit)."""
+        return densify(self.cov, "Gaussian.cov_matrix")
+
     @classmethod
     def point(cls, x: Float[ArrayLike, "*batch d"]) -> Gaussian:
         """The point mass at `x` (a Gaussian with zero covariance)."""
@@ -84,7 +135,8 @@ class Gaussian(eqx.Module):
 
     @classmethod
     def isotropic(cls, mean: Float[ArrayLike, "*batch d"], std: float) -> Gaussian:
-        """$N(\\mu, \\sigma^2 I)$."""
+        """$N(\\mu, \\sigma^2 I)$ with a dense covariance (for large $d$ use
+        `Gaussian(mean, jaxou.Diagonal(jnp.full(d, std**2)))`)."""
         mean = as_float_array(mean, "mean")
         if not std > 0:
             raise ValueError(f"Gaussian.isotropic: std must be > 0, got {std}")
@@ -93,24 +145,32 @@ class Gaussian(eqx.Module):
 
     def log_prob(self, x: Float[ArrayLike, "*shape d"]) -> Float[Array, "*shape"]:
         r"""$\log N(x; \mu, \Sigma) = -\frac12[d\ln 2\pi + \ln\det\Sigma +
-        (x-\mu)^\top\Sigma^{-1}(x-\mu)]$, through a Cholesky factor."""
+        (x-\mu)^\top\Sigma^{-1}(x-\mu)]$, through a Cholesky factor (dense) or the
+        operator's own solve and log-determinant."""
         x = jnp.asarray(x, self.mean.dtype)
-        L = jnp.linalg.cholesky(self.cov)
         diff = x - self.mean
+        const = self.dim * math.log(2 * math.pi)
+        if isinstance(self.cov, AbstractOperator):
+            flat = diff.reshape(-1, self.dim)
+            quad = jnp.sum(flat * self.cov.solve(flat.T).T, -1).reshape(diff.shape[:-1])
+            return -0.5 * (const + self.cov.logdet() + quad)
+        L = jnp.linalg.cholesky(self.cov)
         z = jax.scipy.linalg.solve_triangular(L, diff[..., None], lower=True)[..., 0]
         logdet = 2 * jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), axis=-1)
-        return -0.5 * (self.dim * math.log(2 * math.pi) + logdet + jnp.sum(z**2, -1))
+        return -0.5 * (const + logdet + jnp.sum(z**2, -1))
 
     def sample(
         self, key: PRNGKeyArray, shape: tuple[int, ...] = ()
     ) -> Float[Array, "*shape *batch d"]:
-        r"""Draw samples $\mu + S z$, $z \sim N(0, I)$, with $S S^\top = \Sigma$ the
-        symmetric square root (through `eigh`, so that singular covariances, point
-        masses included, work). Output shape `shape + batch_shape + (d,)`."""
-        lam, V = jnp.linalg.eigh(self.cov)
-        root = V * jnp.sqrt(jnp.clip(lam, 0))[..., None, :]
+        r"""Draw samples $\mu + R z$, $z \sim N(0, I)$, with $R R^\top = \Sigma$: the
+        symmetric square root for a dense covariance (through `eigh`, so singular
+        covariances, point masses included, work), the operator's own factor
+        otherwise. Output shape `shape + batch_shape + (d,)`."""
+        if isinstance(self.cov, AbstractOperator):
+            z = jax.random.normal(key, shape + (self.cov.root_width,), self.mean.dtype)
+            return self.mean + self.cov.root_mv(z)
         z = jax.random.normal(key, shape + self.mean.shape, self.mean.dtype)
-        return self.mean + jnp.einsum("...ij,...j->...i", root, z)
+        return self.mean + jnp.einsum("...ij,...j->...i", psd_sqrt(self.cov), z)
 
     def kl(self, other: Gaussian) -> Float[Array, "*batch"]:
         """KL(self ‖ other); see [`jaxou.kl`][]."""
@@ -132,14 +192,61 @@ def kl_parts(p: Gaussian, q: Gaussian) -> KLDecomposition:
     part is $\frac12\|L_q^{-1}(\mu_p-\mu_q)\|^2$; both triangular solves share one
     call.
 
+    Structured covariances ([`jaxou.Diagonal`][], [`jaxou.DiagonalPlusLowRank`][])
+    go through the Woodbury identity instead, in $O(dm^2)$ (see
+    `_kl_parts_structured`); a structured law against a dense one is compared
+    densely (up to jaxou's dense limit).
+
     **Returns:** a [`jaxou.KLDecomposition`][] `(total, covariance, shift)`, each
     of the broadcast batch shape.
+
+    **Raises:** `ValueError` for different dimensions; `TypeError` for different
+    dtypes or arguments that are not `Gaussian`s.
     """
+    for name, x in (("p", p), ("q", q)):
+        if not isinstance(x, Gaussian):
+            raise TypeError(f"kl: {name} must be a jaxou.Gaussian, got {type(x).__name__}")
     if p.dim != q.dim:
         raise ValueError(f"kl: dimensions differ, p has d={p.dim} and q has d={q.dim}")
     if p.mean.dtype != q.mean.dtype:
         raise TypeError(f"kl: p is {p.mean.dtype} but q is {q.mean.dtype}")
-    return _kl_parts(p.mean, p.cov, q.mean, q.cov)
+    if p.is_dense and q.is_dense:
+        return _kl_parts(p.mean, p.cov, q.mean, q.cov)
+    P = as_dplr(p.cov) if not p.is_dense else None
+    Q = as_dplr(q.cov) if not q.is_dense else None
+    if P is None or Q is None:
+        return _kl_parts(p.mean, densify(p.cov, "kl"), q.mean, densify(q.cov, "kl"))
+    if is_concrete(P.diagonal, Q.diagonal):
+        P, Q = P.with_positive_diagonal(), Q.with_positive_diagonal()
+    return _kl_parts_structured(p.mean, P, q.mean, Q)
+
+
+@eqx.filter_jit
+def _kl_parts_structured(
+    mp, P: DiagonalPlusLowRank, mq, Q: DiagonalPlusLowRank
+) -> KLDecomposition:
+    r"""KL between $\Sigma_p = D_p + Z_pS_pZ_p^\top$ and $\Sigma_q = D_q +
+    Z_qS_qZ_q^\top$, with $A = D_q^{-1}Z_q$ and $\Sigma_q^{-1} = D_q^{-1} - AKA^\top$
+    (Woodbury; `DiagonalPlusLowRank.whitened`): the covariance part is
+    $\frac12[\sum_i\varphi(\ln(g_{p,i}/g_{q,i})) + \mathrm{tr}(S_p Z_p^\top
+    D_q^{-1}Z_p) - \mathrm{tr}(K A^\top\Sigma_p A) - \sum\ln(1+\tau_p) +
+    \sum\ln(1+\tau_q)]$, $\varphi(u) = e^u-1-u$: the diagonal parts, which carry
+    the $O(d)$ bulk, enter through $\varphi$ without cancellation. Every pass over
+    $d$ is a matrix product; the rest is $m \times m$."""
+    gp, gq = P.diagonal, Q.diagonal
+    wp, wq = P.whitened(), Q.whitened()
+    A = Q.factor / gq[:, None]
+    diag_part = jnp.sum(_phi(jnp.log(gp) - jnp.log(gq)))
+    tr_low = jnp.sum((P.factor.T @ (P.factor / gq[:, None])) * P.core)
+    AZ = A.T @ P.factor
+    APA = A.T @ (A * gp[:, None]) + AZ @ P.core @ AZ.T  # Aᵀ Σ_p A
+    tr_corr = jnp.sum(wq.inner * APA)
+    logdets = jnp.sum(jnp.log1p(wq.tau)) - jnp.sum(jnp.log1p(wp.tau))
+    cov = 0.5 * (diag_part + tr_low - tr_corr + logdets)
+    diff = mp - mq
+    z = A.T @ diff
+    shift = 0.5 * (jnp.sum(diff**2 / gq) - z @ wq.inner @ z)
+    return KLDecomposition(cov + shift, cov, shift)
 
 
 # One compiled program (eagerly, a dozen small operations each paid for its own
@@ -187,11 +294,6 @@ def kl(p: Gaussian, q: Gaussian) -> Float[Array, "*batch"]:
     return kl_parts(p, q).total
 
 
-def _psd_sqrt(S: Array) -> Array:
-    lam, V = jnp.linalg.eigh(S)
-    return (V * jnp.sqrt(jnp.clip(lam, 0))[..., None, :]) @ jnp.swapaxes(V, -1, -2)
-
-
 def w2(p: Gaussian, q: Gaussian) -> Float[Array, "*batch"]:
     r"""The Wasserstein-2 distance between Gaussians:
 
@@ -201,14 +303,30 @@ def w2(p: Gaussian, q: Gaussian) -> Float[Array, "*batch"]:
     (Dowson & Landau 1982; Givens & Shortt 1984). The square roots go through
     `eigh` (positive semi-definite covariances are fine; `jax.scipy.linalg.sqrtm`
     would be CPU-only). Returns $W_2$, not its square.
+
+    Two [`jaxou.Diagonal`][] covariances commute and have the closed form
+    $\|\mu_p-\mu_q\|^2 + \sum_i(\sqrt{a_i}-\sqrt{b_i})^2$ at any $d$; other
+    operator pairs have no closed form and are computed densely up to jaxou's dense
+    limit ($d \le 2048$), with a `ValueError` above it.
     """
     if p.dim != q.dim:
         raise ValueError(f"w2: dimensions differ, p has d={p.dim} and q has d={q.dim}")
-    root_p = _psd_sqrt(p.cov)
-    inner = root_p @ q.cov @ root_p
+    if isinstance(p.cov, Diagonal) and isinstance(q.cov, Diagonal):
+        # Commuting covariances: the cross term is Σ √(a_i b_i).
+        roots = jnp.sqrt(jnp.clip(p.cov.diagonal, 0)) - jnp.sqrt(jnp.clip(q.cov.diagonal, 0))
+        return jnp.sqrt(jnp.sum((p.mean - q.mean) ** 2) + jnp.sum(roots**2))
+    if not (p.is_dense and q.is_dense) and p.dim > DENSE_LIMIT:
+        raise ValueError(
+            f"w2: no closed form for a {type(p.cov).__name__} and a {type(q.cov).__name__} "
+            f"covariance at d = {p.dim} (the dense formula needs d <= {DENSE_LIMIT}); "
+            "two Diagonal covariances have one"
+        )
+    p_cov, q_cov = densify(p.cov, "w2"), densify(q.cov, "w2")
+    root_p = psd_sqrt(p_cov)
+    inner = root_p @ q_cov @ root_p
     inner = 0.5 * (inner + jnp.swapaxes(inner, -1, -2))
     lam = jnp.linalg.eigvalsh(inner)
     cross = jnp.sum(jnp.sqrt(jnp.clip(lam, 0)), -1)
-    tr = jnp.trace(p.cov, axis1=-2, axis2=-1) + jnp.trace(q.cov, axis1=-2, axis2=-1)
+    tr = jnp.trace(p_cov, axis1=-2, axis2=-1) + jnp.trace(q_cov, axis1=-2, axis2=-1)
     sq = jnp.sum((p.mean - q.mean) ** 2, -1) + tr - 2 * cross
     return jnp.sqrt(jnp.clip(sq, 0))

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
 from ._gaussian import Gaussian
-from ._linalg import as_float_array, lyapunov, ou_flow
+from ._flow import ou_flow
+from ._lyapunov import lyapunov
+from ._misc import as_float_array
 
 __all__ = ["OUProcess", "OUDrift", "OUDiffusion"]
 

@@ -11,7 +11,9 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from ._gaussian import Gaussian
-from ._linalg import as_float_array, lyapunov, ou_flow
+from ._flow import ou_flow
+from ._lyapunov import lyapunov
+from ._misc import as_float_array
 from ._ou import OUProcess
 
 __all__ = ["SGDStage", "TwoStage"]

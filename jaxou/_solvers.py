@@ -43,7 +43,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
-from ._linalg import ou_flow
+from ._flow import ou_flow
 from ._ou import OUDiffusion
 
 __all__ = [

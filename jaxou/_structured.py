@@ -52,7 +52,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ._bounds import TwoStageBound, stage_bounds
 from ._gaussian import KLDecomposition
-from ._linalg import as_float_array
+from ._misc import as_float_array
 from ._numerics import expm1mx
 
 __all__ = [

@@ -33,7 +33,7 @@ base model), $r_S = \\eta_S/B_S$ and $r_T = \\eta_T/B_T$:
 Per point this leaves two Cholesky factorisations and two triangular solves whose
 right-hand sides are triangular (the KL terms, in the stable form of
 [`jaxou.kl_parts`][]), written as batched matrix products (recursive blocking,
-`jaxou._linalg.matmul_cholesky`), so that a gradient costs a small multiple of
+`jaxou._cholesky.matmul_cholesky`), so that a gradient costs a small multiple of
 the forward evaluation. The "plain" path
 rebuilds the [`jaxou.TwoStage`][] at every point and calls
 [`jaxou.two_stage_bound`][] and [`jaxou.domain_discrepancy`][] (eigendecompositions
@@ -57,7 +57,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float
 
 from ._bounds import domain_discrepancy, stage_bounds, two_stage_bound
 from ._gaussian import Gaussian, KLDecomposition
-from ._linalg import _lower_sym, matmul_cholesky, matmul_solve_lower_tri
+from ._cholesky import _lower_sym, matmul_cholesky, matmul_solve_lower_tri
 from ._numerics import expm1mx
 from ._sgd import TwoStage
 
@@ -355,7 +355,7 @@ def _precompute(model: TwoStage) -> _Base:
     )
 
 
-# Per grid point, the factorisations are `jaxou._linalg`'s matrix-product
+# Per grid point, the factorisations are `jaxou._cholesky`'s matrix-product
 # (recursively blocked) Cholesky and triangular solve rather than LAPACK: vmapped
 # over a grid they become batched matrix products, reverse mode through them costs
 # a small multiple of the forward pass, and they avoid jaxlib 0.10's batched

@@ -233,7 +233,7 @@ def test_integer_inputs_promote():
 
 @pytest.mark.parametrize("d", [1, 5, 37])
 def test_matmul_cholesky_and_solves_against_scipy(rng, d):
-    from jaxou import _linalg
+    from jaxou import _cholesky as _linalg
 
     matmul_cholesky = jax.jit(_linalg.matmul_cholesky)
     matmul_solve_lower = jax.jit(_linalg.matmul_solve_lower)
@@ -263,7 +263,7 @@ def test_matmul_cholesky_and_solves_against_scipy(rng, d):
 
 @pytest.mark.parametrize("d", [5, 20])
 def test_matmul_cholesky_derivatives(rng, d):
-    from jaxou._linalg import matmul_cholesky, matmul_solve_lower_tri
+    from jaxou._cholesky import matmul_cholesky, matmul_solve_lower_tri
 
     A = random_spd(rng, d, 1e2)
     W = rng.standard_normal((d, d))

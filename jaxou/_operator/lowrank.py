@@ -1,0 +1,225 @@
+r"""Diagonal plus low rank: $\mathrm{diag}(g) + Z S Z^\top$.
+
+Log-determinants, solves and square-root factors go through the matrix
+determinant lemma and Woodbury's identity on the whitened form
+$D^{1/2}(I + Q\,\mathrm{diag}(\tau)Q^\top)D^{1/2}$ ($D = \mathrm{diag}(g)$), computed
+from the $m \times m$ Gram matrix $G = \tilde Z^\top\tilde Z$ of
+$\tilde Z = D^{-1/2}Z$: matrix products over $d$, then $m \times m$
+eigendecompositions, $O(dm^2)$ in all; no thin QR (about 20× slower at d = 10⁶)
+and no $d \times d$ matrix.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float
+
+from .._misc import as_float_array, is_concrete
+from .base import DENSE_LIMIT, AbstractOperator
+from .dense import check_matrix
+from .diagonal import check_diagonal
+
+__all__ = ["DiagonalPlusLowRank", "sym"]
+
+
+def sym(M: Array) -> Array:
+    """(M + Mᵀ)/2 over the last two axes."""
+    return 0.5 * (M + jnp.swapaxes(M, -1, -2))
+
+
+class _Whitened(eqx.Module):
+    """The m × m algebra of a DiagonalPlusLowRank with a positive diagonal g:
+    `tau` (eigenvalues of G^{1/2} S G^{1/2}, the nonzero spectrum of Z̃ S Z̃ᵀ),
+    `basis` (Q = Z̃ E γ^{-1/2} V, orthonormal columns spanning the range of Z̃, where
+    Z̃ = D^{-1/2} Z), `inner` (K = S (I + G S)^{-1}, so that
+    M⁻¹ = D⁻¹ − A K Aᵀ with A = D⁻¹ Z)."""
+
+    tau: Array
+    basis: Array
+    inner: Array
+
+
+class DiagonalPlusLowRank(AbstractOperator):
+    r"""$M = \mathrm{diag}(g) + Z S Z^\top$: `diagonal` $g$ `[d]`, `factor` $Z$
+    `[d, m]` (any columns, not necessarily orthonormal; $m$ may be 0) and `core`
+    $S$ `[m, m]` symmetric, possibly indefinite where $M$ is a difference.
+
+    This is the representation of every large matrix in jaxou: a Lanczos Hessian
+    $U\Lambda U^\top + \mathrm{diag}(h)$ (`core = diag(Λ)`), an exact noise
+    covariance $\frac1N G^\top G$ from per-example gradients, the stationary
+    covariances of the large-scale Lyapunov solvers. Solves, log-determinants and
+    the KL divergence need a positive diagonal; see
+    [`jaxou.DiagonalPlusLowRank.with_positive_diagonal`][] for one with zeros.
+
+    **Arguments:**
+
+    - `diagonal`: $g$, shape `[d]`.
+    - `factor`: $Z$, shape `[d, m]`.
+    - `core`: $S$, shape `[m, m]`; `None` (default) is the identity.
+
+    **Raises:** `ValueError` for mismatched shapes; `TypeError` for mismatched
+    dtypes.
+    """
+
+    diagonal: Float[Array, " d"]
+    factor: Float[Array, "d m"]
+    core: Float[Array, "m m"]
+
+    def __init__(
+        self,
+        diagonal: Float[ArrayLike, " d"],
+        factor: Float[ArrayLike, "d m"],
+        core: Float[ArrayLike, "m m"] | None = None,
+    ):
+        diagonal = as_float_array(diagonal, "diagonal")
+        factor = as_float_array(factor, "factor")
+        if diagonal.ndim != 1:
+            raise ValueError(f"DiagonalPlusLowRank: diagonal must be [d], got {diagonal.shape}")
+        if factor.ndim != 2 or factor.shape[0] != diagonal.shape[0]:
+            raise ValueError(
+                f"DiagonalPlusLowRank: factor must be [{diagonal.shape[0]}, m], got {factor.shape}"
+            )
+        m = factor.shape[1]
+        core = jnp.eye(m, dtype=factor.dtype) if core is None else as_float_array(core, "core")
+        if core.shape != (m, m):
+            raise ValueError(f"DiagonalPlusLowRank: core must be [{m}, {m}], got {core.shape}")
+        for name, x in (("factor", factor), ("core", core)):
+            if x.dtype != diagonal.dtype:
+                raise TypeError(
+                    f"DiagonalPlusLowRank: diagonal is {diagonal.dtype} but {name} is {x.dtype}"
+                )
+        self.diagonal = diagonal
+        self.factor = factor
+        self.core = core
+
+    @property
+    def dim(self) -> int:
+        return self.diagonal.shape[0]
+
+    @property
+    def rank(self) -> int:
+        """The number of columns $m$ of the factor."""
+        return self.factor.shape[1]
+
+    @property
+    def dtype(self):
+        return self.diagonal.dtype
+
+    def mv(self, x):
+        g = self.diagonal if x.ndim == 1 else self.diagonal[:, None]
+        return g * x + self.factor @ (self.core @ (self.factor.T @ x))
+
+    def as_matrix(self):
+        return jnp.diag(self.diagonal) + self.factor @ self.core @ self.factor.T
+
+    def trace(self):
+        return jnp.sum(self.diagonal) + jnp.sum((self.factor.T @ self.factor) * self.core)
+
+    def diagonal_values(self):
+        return self.diagonal + jnp.sum((self.factor @ self.core) * self.factor, axis=1)
+
+    def scale(self, c):
+        return DiagonalPlusLowRank(c * self.diagonal, self.factor, c * self.core)
+
+    def whitened(self) -> _Whitened:
+        """The m × m algebra behind solves, log-determinants and square roots (see
+        the module docstring). Needs a positive diagonal."""
+        A = self.factor / self.diagonal[:, None]
+        if self.rank == 0:
+            empty = jnp.zeros((0,), self.dtype)
+            return _Whitened(empty, self.factor, self.core)
+        gamma, E = jnp.linalg.eigh(sym(self.factor.T @ A))
+        gamma = jnp.maximum(gamma, 0)
+        root = jnp.sqrt(gamma)
+        G_half = (E * root) @ E.T
+        tau, V = jnp.linalg.eigh(sym(G_half @ self.core @ G_half))
+        # Q = Z̃ G^{-1/2} V on the range of G (directions with γ = 0 carry τ = 0).
+        inv_root = jnp.where(gamma > 0, 1 / jnp.where(gamma > 0, root, 1), 0)
+        basis = (self.factor / jnp.sqrt(self.diagonal)[:, None]) @ ((E * inv_root) @ E.T @ V)
+        W = self.core @ G_half @ V
+        inner = sym(self.core - (W / (1 + tau)) @ W.T)
+        return _Whitened(tau, basis, inner)
+
+    def logdet(self):
+        return jnp.sum(jnp.log(self.diagonal)) + jnp.sum(jnp.log1p(self.whitened().tau))
+
+    def solve(self, x):
+        K = self.whitened().inner
+        A = self.factor / self.diagonal[:, None]
+        g = self.diagonal if x.ndim == 1 else self.diagonal[:, None]
+        return x / g - A @ (K @ (A.T @ x))
+
+    @property
+    def root_width(self) -> int:
+        return self.dim
+
+    def root_mv(self, z):
+        r"""$R z$ with $R = D^{1/2}(I + Q(\sqrt{1+\tau} - 1)Q^\top)$, so that
+        $RR^\top = M$ (positive semi-definite $M$ with a positive diagonal)."""
+        w = self.whitened()
+        gain = jnp.sqrt(jnp.clip(1 + w.tau, 0)) - 1
+        inner = ((z @ w.basis) * gain) @ w.basis.T
+        return (z + inner) * jnp.sqrt(self.diagonal)
+
+    def with_positive_diagonal(self) -> DiagonalPlusLowRank:
+        r"""The same matrix with every diagonal entry positive, for the Woodbury
+        algebra: each zero entry $g_i = 0$ becomes $s$ (the mean of the positive
+        entries) and $-s\,e_ie_i^\top$ joins the low-rank part, whose rank grows by
+        the number of zeros. Needs concrete values (the rank depends on them).
+
+        **Raises:** `ValueError` for negative or non-finite diagonal entries, or
+        under `jit`.
+        """
+        if not is_concrete(self.diagonal):
+            raise ValueError(
+                "with_positive_diagonal needs concrete values (the new rank depends on "
+                "the number of zero diagonal entries); call it outside jax.jit"
+            )
+        g = np.asarray(self.diagonal)
+        check_diagonal("DiagonalPlusLowRank", g, definite=False)
+        zeros = np.flatnonzero(g == 0)
+        if zeros.size == 0:
+            return self
+        positive = g[g > 0]
+        s = float(np.mean(positive)) if positive.size else 1.0
+        n0 = zeros.size
+        E = jnp.zeros((self.dim, n0), self.dtype).at[zeros, jnp.arange(n0)].set(1)
+        m = self.rank
+        core = jnp.block(
+            [
+                [self.core, jnp.zeros((m, n0), self.dtype)],
+                [jnp.zeros((n0, m), self.dtype), -s * jnp.eye(n0, dtype=self.dtype)],
+            ]
+        )
+        return DiagonalPlusLowRank(
+            self.diagonal.at[zeros].set(s), jnp.concatenate([self.factor, E], axis=1), core
+        )
+
+    def check(self, name: str, *, definite: bool) -> None:
+        if not is_concrete(self.diagonal, self.factor, self.core):
+            return
+        check_diagonal(f"{name} (diagonal part)", self.diagonal, definite=False)
+        for part, x in (("factor", self.factor), ("core", self.core)):
+            if not np.all(np.isfinite(np.asarray(x))):
+                raise ValueError(f"{name} has non-finite entries in its {part}")
+        core = np.asarray(self.core)
+        if core.size and np.max(np.abs(core - core.T)) > 1e3 * np.finfo(core.dtype).eps * max(
+            np.max(np.abs(core)), 1e-300
+        ):
+            raise ValueError(f"{name}: its core is not symmetric")
+        if self.rank == 0:
+            check_diagonal(name, self.diagonal, definite=definite)
+            return
+        if np.all(np.asarray(self.diagonal) > 0):
+            smallest = 1 + float(np.min(np.asarray(self.whitened().tau)))
+            tol = 0 if definite else 100 * self.rank * np.finfo(core.dtype).eps
+            if smallest < -tol or (definite and not smallest > 0):
+                what = "positive definite" if definite else "positive semi-definite"
+                raise ValueError(
+                    f"{name} is not {what}: the smallest eigenvalue of its whitened form "
+                    f"D^(-1/2) M D^(-1/2) is {smallest:.3g}"
+                )
+        elif self.dim <= DENSE_LIMIT:
+            check_matrix(name, self.as_matrix(), definite=definite)
