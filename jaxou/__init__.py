@@ -9,8 +9,14 @@ from ._bounds import (
     two_stage_bound as two_stage_bound,
 )
 from ._estimate import (
-    LowRankPlusDiagonal as LowRankPlusDiagonal,
+    AbstractHessianEstimator as AbstractHessianEstimator,
+    AbstractNoiseEstimator as AbstractNoiseEstimator,
+    DenseHessian as DenseHessian,
+    DenseNoise as DenseNoise,
+    ExactNoise as ExactNoise,
+    LanczosHessian as LanczosHessian,
     Minimum as Minimum,
+    SketchedNoise as SketchedNoise,
     StageEstimate as StageEstimate,
     estimate_hessian as estimate_hessian,
     estimate_noise_cov as estimate_noise_cov,
@@ -30,19 +36,35 @@ from ._gaussian import (
     kl_parts as kl_parts,
     w2 as w2,
 )
-from ._lyapunov import LyapunovStatus as LyapunovStatus, lyapunov as lyapunov
+from ._operator import (
+    AbstractOperator as AbstractOperator,
+    Dense as Dense,
+    Diagonal as Diagonal,
+    DiagonalPlusLowRank as DiagonalPlusLowRank,
+)
+from ._lyapunov import (
+    AbstractLyapunovSolver as AbstractLyapunovSolver,
+    AutoLyapunov as AutoLyapunov,
+    Eigh as Eigh,
+    Kronecker as Kronecker,
+    LyapunovResult as LyapunovResult,
+    LyapunovSolution as LyapunovSolution,
+    MatrixSign as MatrixSign,
+    lyapunov as lyapunov,
+)
 from ._ou import OUDiffusion as OUDiffusion, OUDrift as OUDrift, OUProcess as OUProcess
 from ._sgd import SGDStage as SGDStage, TwoStage as TwoStage
+from ._diagnostics import (
+    MonteCarloCheck as MonteCarloCheck,
+    analytic_marginals as analytic_marginals,
+    kl_fit_floor as kl_fit_floor,
+    monte_carlo_check as monte_carlo_check,
+)
 from ._simulate import Simulation as Simulation, simulate as simulate
-from ._structured import (
-    DiagonalMatrix as DiagonalMatrix,
-    DiagonalPlusLowRank as DiagonalPlusLowRank,
-    LowRankDiagonal as LowRankDiagonal,
-    StructuredGaussian as StructuredGaussian,
-    structured_error_bound as structured_error_bound,
-    structured_kl as structured_kl,
-    structured_stationary as structured_stationary,
-    structured_two_stage_bound as structured_two_stage_bound,
+from ._solvers import (
+    CounterBrownianPath as CounterBrownianPath,
+    ExactOU as ExactOU,
+    FusedEuler as FusedEuler,
 )
 from ._sweep import (
     GridResult as GridResult,

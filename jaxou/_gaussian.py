@@ -222,9 +222,7 @@ def kl_parts(p: Gaussian, q: Gaussian) -> KLDecomposition:
 
 
 @eqx.filter_jit
-def _kl_parts_structured(
-    mp, P: DiagonalPlusLowRank, mq, Q: DiagonalPlusLowRank
-) -> KLDecomposition:
+def _kl_parts_structured(mp, P: DiagonalPlusLowRank, mq, Q: DiagonalPlusLowRank) -> KLDecomposition:
     r"""KL between $\Sigma_p = D_p + Z_pS_pZ_p^\top$ and $\Sigma_q = D_q +
     Z_qS_qZ_q^\top$, with $A = D_q^{-1}Z_q$ and $\Sigma_q^{-1} = D_q^{-1} - AKA^\top$
     (Woodbury; `DiagonalPlusLowRank.whitened`): the covariance part is

@@ -47,7 +47,24 @@ def is_symmetric(A: Array) -> Array:
     return asym <= 8 * A.shape[-1] * eps * scale
 
 
-
 def is_concrete(*xs) -> bool:
     """True when none of `xs` is a tracer (values can be checked eagerly)."""
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def check_range(name: str, x, lo, hi, lo_open: bool, hi_open: bool):
+    """`x`, checked to lie in the interval (lo, hi) with the given open ends: a
+    `ValueError` naming `name` for concrete values, `eqx.error_if` at run time for
+    traced ones. Decided on the comparison itself: inside `jax.jit` it is traced
+    even for constant inputs."""
+    import equinox as eqx
+
+    ok = ((x > lo) if lo_open else (x >= lo)) & ((x < hi) if hi_open else (x <= hi))
+    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    msg = f"{name} must lie in {interval}"
+    if not isinstance(ok, jax.core.Tracer):
+        bad = ~np.asarray(ok)
+        if np.any(bad):
+            raise ValueError(f"{msg}; got {np.asarray(x)[bad].ravel()[:3].tolist()}")
+        return x
+    return eqx.error_if(x, ~ok, msg)

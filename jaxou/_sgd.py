@@ -10,41 +10,43 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from ._gaussian import Gaussian
 from ._flow import ou_flow
-from ._lyapunov import lyapunov
-from ._misc import as_float_array
+from ._gaussian import Gaussian
+from ._lyapunov import Eigh, lyapunov
+from ._lyapunov.structured import finite_time_operator, stationary_operator
+from ._misc import as_float_array, is_concrete
+from ._operator import (
+    AbstractOperator,
+    Dense,
+    Diagonal,
+    DiagonalPlusLowRank,
+    check_matrix,
+    densify,
+    psd_sqrt,
+)
 from ._ou import OUProcess
 
 __all__ = ["SGDStage", "TwoStage"]
 
 
-def _is_concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+def _as_matrix_or_operator(x, name: str):
+    """An array stays an array, a `Dense` operator becomes its array, a structured
+    operator stays as it is."""
+    if isinstance(x, Dense):
+        return x.matrix
+    if isinstance(x, AbstractOperator):
+        if not isinstance(x, (Diagonal, DiagonalPlusLowRank)):
+            raise TypeError(f"SGDStage: {name} of type {type(x).__name__} is not supported")
+        return x
+    return as_float_array(x, name)
 
 
-def _check_matrix(name: str, M: Array, d: int, *, definite: bool) -> None:
-    """Value checks on a concrete symmetric matrix, with messages naming it."""
-    if M.shape != (d, d):
-        raise ValueError(f"{name} must be a [{d}, {d}] matrix, got shape {M.shape}")
-    Mn = np.asarray(M)
-    if not np.all(np.isfinite(Mn)):
-        raise ValueError(f"{name} has non-finite entries")
-    scale = max(float(np.max(np.abs(Mn))), np.finfo(Mn.dtype).tiny)
-    eps = np.finfo(Mn.dtype).eps
-    if np.max(np.abs(Mn - Mn.T)) > 1e3 * eps * scale:
-        raise ValueError(
-            f"{name} is not symmetric (max |M - Mᵀ| = {np.max(np.abs(Mn - Mn.T)):.3g})"
-        )
-    lam = np.linalg.eigvalsh(0.5 * (Mn + Mn.T))
-    tol = 10 * d * eps * scale
-    if definite and lam[0] <= 0:
-        raise ValueError(
-            f"{name} is not positive definite (smallest eigenvalue {lam[0]:.3g}); "
-            "the loss must be locally strictly convex at the minimum"
-        )
-    if not definite and lam[0] < -tol:
-        raise ValueError(f"{name} is not positive semi-definite (smallest eigenvalue {lam[0]:.3g})")
+def _check_scalar(name: str, x: Array) -> Array:
+    if x.shape != ():
+        raise ValueError(f"SGDStage: {name} must be a scalar, got shape {x.shape}")
+    if is_concrete(x) and not (float(x) > 0 and math.isfinite(float(x))):
+        raise ValueError(f"SGDStage: {name} must be positive and finite, got {float(x)}")
+    return eqx.error_if(x, ~(x > 0), f"SGDStage: {name} must be > 0")
 
 
 class SGDStage(eqx.Module):
@@ -60,93 +62,111 @@ class SGDStage(eqx.Module):
     (Mandt, Hoffman & Blei 2017, *Stochastic gradient descent as approximate
     Bayesian inference*).
 
+    `hessian` and `noise_cov` are dense arrays or operators
+    ([`jaxou.Diagonal`][], [`jaxou.DiagonalPlusLowRank`][]); the methods are the
+    same for both, and return [`jaxou.Gaussian`][]s with dense or operator
+    covariances accordingly. A dense matrix beside an operator is turned into an
+    operator's dense counterpart (the pair is treated densely, up to jaxou's dense
+    limit, $d \le 2048$).
+
     **Arguments:**
 
-    - `hessian`: $H$, `[d, d]`, symmetric positive definite.
-    - `noise_cov`: $C$, `[d, d]`, symmetric positive semi-definite.
-    - `minimum`: $\theta^*$, `[d]`.
+    - `hessian`: $H$, `[d, d]` or an operator, symmetric positive definite.
+    - `noise_cov`: $C$, `[d, d]` or an operator, symmetric positive semi-definite.
+    - `minimum`: $\theta^*$, `[d]`, finite.
     - `lr`: $\eta > 0$ (a scalar; traced values are fine, for gradients).
     - `batch_size`: $B > 0$ (a scalar, real-valued so that it can be differentiated).
 
-    **Raises:** `ValueError` naming the argument for wrong shapes, non-symmetric or
-    indefinite matrices, or a non-positive `lr`/`batch_size` (checked eagerly for
-    concrete inputs; under `jit` the positivity of `lr` and `batch_size` is checked
-    at run time, and an indefinite Hessian makes the Lyapunov solve raise).
+    **Raises:** `ValueError` naming the argument for wrong shapes, non-finite
+    entries, non-symmetric or indefinite matrices, or a non-positive
+    `lr`/`batch_size` (checked eagerly for concrete inputs; under `jit` the
+    positivity of `lr` and `batch_size` is checked at run time, and an indefinite
+    Hessian makes the Lyapunov solve raise); `TypeError` for mismatched dtypes.
     """
 
-    hessian: Float[Array, "d d"]
-    noise_cov: Float[Array, "d d"]
+    hessian: Float[Array, "d d"] | AbstractOperator
+    noise_cov: Float[Array, "d d"] | AbstractOperator
     minimum: Float[Array, " d"]
     lr: Float[Array, ""]
     batch_size: Float[Array, ""]
 
     def __init__(
         self,
-        hessian: Float[ArrayLike, "d d"],
-        noise_cov: Float[ArrayLike, "d d"],
+        hessian: Float[ArrayLike, "d d"] | AbstractOperator,
+        noise_cov: Float[ArrayLike, "d d"] | AbstractOperator,
         minimum: Float[ArrayLike, " d"],
         lr: float | Float[ArrayLike, ""],
         batch_size: float | Float[ArrayLike, ""],
     ):
-        hessian = as_float_array(hessian, "hessian")
-        dtype = hessian.dtype
-        noise_cov = as_float_array(noise_cov, "noise_cov")
+        hessian = _as_matrix_or_operator(hessian, "hessian")
+        noise_cov = _as_matrix_or_operator(noise_cov, "noise_cov")
         minimum = as_float_array(minimum, "minimum")
+        dtype = hessian.dtype
         for name, x in (("noise_cov", noise_cov), ("minimum", minimum)):
             if x.dtype != dtype:
                 raise TypeError(f"SGDStage: hessian is {dtype} but {name} is {x.dtype}")
         if minimum.ndim != 1:
             raise ValueError(f"SGDStage: minimum must be a vector [d], got {minimum.shape}")
+        if is_concrete(minimum) and not np.all(np.isfinite(np.asarray(minimum))):
+            raise ValueError("SGDStage: minimum has non-finite entries (NaN or inf)")
         d = minimum.shape[0]
-        lr = jnp.asarray(lr, dtype)
-        batch_size = jnp.asarray(batch_size, dtype)
-        for name, x in (("lr", lr), ("batch_size", batch_size)):
-            if x.shape != ():
-                raise ValueError(f"SGDStage: {name} must be a scalar, got shape {x.shape}")
-        if _is_concrete(hessian):
-            _check_matrix("SGDStage: hessian", hessian, d, definite=True)
-        elif hessian.shape != (d, d):
-            raise ValueError(f"SGDStage: hessian must be [{d}, {d}], got {hessian.shape}")
-        if _is_concrete(noise_cov):
-            _check_matrix("SGDStage: noise_cov", noise_cov, d, definite=False)
-        elif noise_cov.shape != (d, d):
-            raise ValueError(f"SGDStage: noise_cov must be [{d}, {d}], got {noise_cov.shape}")
-        for name, x in (("lr", lr), ("batch_size", batch_size)):
-            if _is_concrete(x):
-                if not float(x) > 0 or not math.isfinite(float(x)):
-                    raise ValueError(
-                        f"SGDStage: {name} must be positive and finite, got {float(x)}"
-                    )
-        lr = eqx.error_if(lr, ~(lr > 0), "SGDStage: lr must be > 0")
-        batch_size = eqx.error_if(batch_size, ~(batch_size > 0), "SGDStage: batch_size must be > 0")
+        if isinstance(hessian, AbstractOperator) != isinstance(noise_cov, AbstractOperator):
+            hessian = densify(hessian, "SGDStage with one dense and one operator matrix")
+            noise_cov = densify(noise_cov, "SGDStage with one dense and one operator matrix")
+        for name, M, definite in (("hessian", hessian, True), ("noise_cov", noise_cov, False)):
+            shape = (M.dim, M.dim) if isinstance(M, AbstractOperator) else M.shape
+            if shape != (d, d):
+                raise ValueError(f"SGDStage: {name} must be a [{d}, {d}] matrix, got shape {shape}")
+            if isinstance(M, AbstractOperator):
+                M.check(f"SGDStage: {name}", definite=definite)
+            else:
+                check_matrix(f"SGDStage: {name}", M, definite=definite)
         self.hessian = hessian
         self.noise_cov = noise_cov
         self.minimum = minimum
-        self.lr = lr
-        self.batch_size = batch_size
+        self.lr = _check_scalar("lr", jnp.asarray(lr, dtype))
+        self.batch_size = _check_scalar("batch_size", jnp.asarray(batch_size, dtype))
 
     @property
     def dim(self) -> int:
         return self.minimum.shape[-1]
 
     @property
-    def diffusion_cov(self) -> Float[Array, "d d"]:
-        r"""$D = (\eta/B)\,C$."""
-        return (self.lr / self.batch_size) * self.noise_cov
+    def dtype(self):
+        return self.minimum.dtype
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether `hessian` and `noise_cov` are dense arrays."""
+        return not isinstance(self.hessian, AbstractOperator)
+
+    @property
+    def diffusion_cov(self) -> Float[Array, "d d"] | AbstractOperator:
+        r"""$D = (\eta/B)\,C$, in the representation of `noise_cov`."""
+        r = self.lr / self.batch_size
+        if isinstance(self.noise_cov, AbstractOperator):
+            return self.noise_cov.scale(r)
+        return r * self.noise_cov
 
     @property
     def process(self) -> OUProcess:
         r"""The OU process: drift $H$, mean $\theta^*$, diffusion
-        $\sqrt{\eta/B}\,C^{1/2}$ (symmetric square root through `eigh`)."""
-        lam, V = jnp.linalg.eigh(self.noise_cov)
-        root = (V * jnp.sqrt(jnp.clip(lam, 0))) @ V.T
-        return OUProcess(self.hessian, self.minimum, jnp.sqrt(self.lr / self.batch_size) * root)
+        $\sqrt{\eta/B}\,C^{1/2}$ (the symmetric square root). Dense: an operator
+        stage is densified up to jaxou's dense limit (for simulation)."""
+        H = densify(self.hessian, "SGDStage.process")
+        root = psd_sqrt(densify(self.noise_cov, "SGDStage.process"))
+        return OUProcess(H, self.minimum, jnp.sqrt(self.lr / self.batch_size) * root)
 
     def stationary(self) -> Gaussian:
         r"""$N(\theta^*, \Sigma_\infty)$, $H\Sigma_\infty + \Sigma_\infty H =
-        (\eta/B)C$, by the symmetric (eigendecomposition) Lyapunov solve."""
-        S = lyapunov(self.hessian, self.diffusion_cov, method="eigh")
-        return Gaussian(self.minimum, 0.5 * (S + S.T))
+        (\eta/B)C$: by the symmetric (eigendecomposition) Lyapunov solve for dense
+        matrices; for operators, exactly where a closed form exists (diagonal $H$
+        and $C$; $H$ with a constant diagonal), otherwise by the large-scale
+        low-rank solver."""
+        if self.is_dense:
+            S = lyapunov(self.hessian, self.diffusion_cov, solver=Eigh())
+            return Gaussian(self.minimum, 0.5 * (S + S.T))
+        return Gaussian(self.minimum, stationary_operator(self.hessian, self.diffusion_cov))
 
     def marginal(self, initial: Gaussian | Float[ArrayLike, " d"], t) -> Gaussian:
         """The law after running this stage for a time `t` (= lr × steps) from
@@ -158,10 +178,18 @@ class SGDStage(eqx.Module):
                 f"marginal: initial must be a single law of dimension {self.dim}, got "
                 f"dimension {initial.dim} and batch shape {initial.batch_shape}"
             )
-        t = jnp.asarray(t, self.hessian.dtype)
-        if _is_concrete(t) and not float(t) >= 0:
+        t = jnp.asarray(t, self.dtype)
+        if is_concrete(t) and not float(t) >= 0:
             raise ValueError(f"marginal: t must be >= 0 (or inf), got {float(t)}")
-        return _stage_marginal(self, initial, t)
+        if self.is_dense:
+            return _stage_marginal(self, _dense_law(initial), t)
+        if is_concrete(t) and math.isinf(float(t)):
+            return self.stationary()
+        return _operator_marginal(self, initial, t)
+
+
+def _dense_law(law: Gaussian) -> Gaussian:
+    return law if law.is_dense else Gaussian(law.mean, law.cov_matrix())
 
 
 @eqx.filter_jit
@@ -171,6 +199,21 @@ def _stage_marginal(stage: SGDStage, initial: Gaussian, t: Array) -> Gaussian:
     mean = stage.minimum + F @ (initial.mean - stage.minimum)
     cov = F @ initial.cov @ F.T + St
     return Gaussian(mean, 0.5 * (cov + cov.T))
+
+
+def _operator_marginal(stage: SGDStage, initial: Gaussian, t: Array) -> Gaussian:
+    """Finite-time law of an operator stage: closed form for a diagonal Hessian,
+    noise and initial law; otherwise the large-scale finite-time solver."""
+    H, D = stage.hessian, stage.diffusion_cov
+    init_cov = initial.cov
+    if isinstance(H, Diagonal) and isinstance(D, Diagonal) and isinstance(init_cov, Diagonal):
+        h = H.diagonal
+        decay = jnp.exp(-h * t)
+        flow = -jnp.expm1(-2 * h * t) / (2 * h)
+        cov = decay**2 * init_cov.diagonal + D.diagonal * flow
+        mean = stage.minimum + decay * (initial.mean - stage.minimum)
+        return Gaussian(mean, Diagonal(cov))
+    return finite_time_operator(H, D, stage.minimum, initial, t)
 
 
 class TwoStage(eqx.Module):
@@ -216,13 +259,13 @@ class TwoStage(eqx.Module):
             )
         if init.batch_shape != ():
             raise ValueError(f"TwoStage: init must be a single law, got batch {init.batch_shape}")
-        dtype = pretrain.hessian.dtype
+        dtype = pretrain.dtype
         ts = []
         for name, t in (("t_pretrain", t_pretrain), ("t_finetune", t_finetune)):
             t = jnp.asarray(t, dtype)
             if t.shape != ():
                 raise ValueError(f"TwoStage: {name} must be a scalar, got shape {t.shape}")
-            if _is_concrete(t) and not float(t) >= 0:
+            if is_concrete(t) and not float(t) >= 0:
                 raise ValueError(f"TwoStage: {name} must be >= 0 (or inf), got {float(t)}")
             ts.append(eqx.error_if(t, ~(t >= 0), f"TwoStage: {name} must be >= 0"))
         self.init = init
@@ -254,7 +297,7 @@ class TwoStage(eqx.Module):
         (the result has its shape as batch shape) and may be traced; it is meant to lie
         in $[0,$ `t_pretrain + t_finetune`$]$ (beyond, fine-tuning simply goes on).
         """
-        t = jnp.asarray(t, self.pretrain.hessian.dtype)
+        t = jnp.asarray(t, self.pretrain.dtype)
         pre = self.pretrained()
         tp = self.t_pretrain
 

@@ -43,7 +43,6 @@ adjoint); it is the reference the fast path is tested against.
 
 from __future__ import annotations
 
-import collections
 import difflib
 import math
 from typing import Any, Literal, NamedTuple
@@ -56,9 +55,12 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from ._bounds import domain_discrepancy, stage_bounds, two_stage_bound
-from ._gaussian import Gaussian, KLDecomposition
 from ._cholesky import _lower_sym, matmul_cholesky, matmul_solve_lower_tri
+from ._flow import flow_factor
+from ._gaussian import Gaussian, KLDecomposition
+from ._misc import check_range
 from ._numerics import expm1mx
+from ._operator import AbstractOperator
 from ._sgd import TwoStage
 
 __all__ = [
@@ -120,10 +122,6 @@ _RANGES = {
     "target_shift": (0, math.inf, False, True),
     "target_hessian_scale": (0, math.inf, True, True),
 }
-
-# Diagnostic: how many times each compiled entry point was traced (a test checks
-# that a new grid of the same shape does not retrace). Touched at trace time only.
-TRACE_COUNT: collections.Counter = collections.Counter()
 
 
 class Hyperparameters(eqx.Module):
@@ -200,18 +198,7 @@ def grid(**axes: Float[ArrayLike, " n"]) -> Hyperparameters:
 
 
 def _check_values(name: str, x: Array) -> Array:
-    lo, hi, lo_open, hi_open = _RANGES[name]
-    ok = ((x > lo) if lo_open else (x >= lo)) & ((x < hi) if hi_open else (x <= hi))
-    interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    msg = f"Hyperparameters.{name} must lie in {interval}"
-    # `ok` is traced whenever `evaluate` runs under a transformation (inside
-    # `jax.jit` even for constant inputs); the check then moves into the program.
-    if not isinstance(ok, jax.core.Tracer):
-        bad = ~np.asarray(ok)
-        if np.any(bad):
-            raise ValueError(f"{msg}; got {np.asarray(x)[bad].ravel()[:3].tolist()}")
-        return x
-    return eqx.error_if(x, ~ok, msg)
+    return check_range(f"Hyperparameters.{name}", x, *_RANGES[name])
 
 
 def _shift_direction(model: TwoStage) -> tuple[Array, Array]:
@@ -299,11 +286,8 @@ class _Base(NamedTuple):
 def _scaled_flow(lam: Array, t: Array) -> tuple[Array, Array]:
     """e^{-λt} and (1 - e^{-(λ_i+λ_j)t})/(λ_i+λ_j), both right for t = inf."""
     inf = jnp.isinf(t)
-    tf = jnp.where(inf, 0, t)
-    s = lam[:, None] + lam[None, :]
-    g = jnp.where(inf, 1 / s, -jnp.expm1(-s * tf) / s)
-    f = jnp.where(inf, 0, jnp.exp(-lam * tf))
-    return f, g
+    f = jnp.where(inf, 0, jnp.exp(-lam * jnp.where(inf, 0, t)))
+    return f, flow_factor(lam[:, None] + lam[None, :], t)
 
 
 def _precompute(model: TwoStage) -> _Base:
@@ -591,10 +575,22 @@ def _model_at(model: TwoStage, h: dict[str, Array]) -> TwoStage:
             h["pretrain_batch_size"],
             h["finetune_lr"],
             h["finetune_batch_size"],
-            h["target_hessian_scale"] * model.finetune.hessian,
+            _scaled(model.finetune.hessian, h["target_hessian_scale"]),
             pre_min + h["target_shift"] * u,
         ),
     )
+
+
+def _scaled(M, c):
+    return M.scale(c) if isinstance(M, AbstractOperator) else c * M
+
+
+def _trace(law: Gaussian) -> Array:
+    return law.cov.trace() if isinstance(law.cov, AbstractOperator) else jnp.trace(law.cov)
+
+
+def _is_dense(model: TwoStage) -> bool:
+    return model.pretrain.is_dense and model.finetune.is_dense and model.init.is_dense
 
 
 def _point_plain(model: TwoStage, h: dict[str, Array], laws: bool) -> dict:
@@ -604,8 +600,8 @@ def _point_plain(model: TwoStage, h: dict[str, Array], laws: bool) -> dict:
     b = two_stage_bound(m, 1.0, 1.0, 0.5)
     src, tgt = m.pretrain.stationary(), m.finetune.stationary()
     out = {
-        "source_trace": jnp.trace(src.cov),
-        "target_trace": jnp.trace(tgt.cov),
+        "source_trace": _trace(src),
+        "target_trace": _trace(tgt),
         "discrepancy": domain_discrepancy(src, tgt),
         "pretrain_kl": b.pretrain_kl,
         "finetune_kl": b.finetune_kl,
@@ -667,7 +663,6 @@ def _map(fn, flat, batch_size):
 
 @eqx.filter_jit
 def _evaluate_flat(model, law_params, flat, inverse, kind, method, laws, batch_size):
-    TRACE_COUNT["evaluate"] += 1
     out = _map(_point_fn(model, method, laws), law_params, batch_size)
     out = jax.tree.map(lambda x: x[inverse], out)
     return jax.vmap(lambda o, h: _with_bounds(o, h, kind))(out, flat)
@@ -685,9 +680,8 @@ def _scalars(out: dict) -> dict[str, Array]:
     return flat
 
 
-@eqx.filter_jit
-def _sensitivity_flat(model, flat, kind, method, wrt, terms, batch_size):
-    TRACE_COUNT["sensitivity"] += 1
+def _point_sensitivity(model, kind, method, wrt, terms):
+    """The forward-mode Jacobian of the chosen terms at one point."""
     point = _point_fn(model, method, False)
 
     def one(h):
@@ -699,7 +693,12 @@ def _sensitivity_flat(model, flat, kind, method, wrt, terms, batch_size):
 
         return jax.jacfwd(f)({k: h[k] for k in wrt})
 
-    return _map(one, flat, batch_size)
+    return one
+
+
+@eqx.filter_jit
+def _sensitivity_flat(model, flat, kind, method, wrt, terms, batch_size):
+    return _map(_point_sensitivity(model, kind, method, wrt, terms), flat, batch_size)
 
 
 def _dedupe(h: dict[str, Array], n: int, dedupe: bool):
@@ -790,10 +789,23 @@ def _prepare(who: str, model, hyper, kind: str, method: str):
     if kind not in ("mcallester", "kl"):
         raise ValueError(f"{who}: unknown kind {kind!r}; use 'mcallester' or 'kl'")
     if method not in ("eigen", "plain"):
-        raise ValueError(f"{who}: unknown method {method!r}; use 'eigen' or 'plain'")
+        raise ValueError(f"{who}: unknown method {method!r}; use 'auto', 'eigen' or 'plain'")
     h, shape = _resolve(model, hyper)
+    if method == "eigen" and not _is_dense(model):
+        raise ValueError(
+            f"{who}: method='eigen' needs dense matrices; a model with operator stages "
+            "uses method='plain'"
+        )
     n = int(np.prod(shape)) if shape else 1
     return h, shape, n, {k: v.reshape(n) for k, v in h.items()}
+
+
+def _eager_map(fn, flat: dict[str, Array]) -> dict:
+    """`fn` at each point, one after the other, outside `jit`: for operator models,
+    whose solvers choose their algorithm (and iterate) from concrete values."""
+    n = next(iter(flat.values())).shape[0]
+    outs = [fn({k: v[i] for k, v in flat.items()}) for i in range(n)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
 def evaluate(
@@ -801,7 +813,7 @@ def evaluate(
     hyper: Hyperparameters,
     *,
     kind: Literal["mcallester", "kl"] = "mcallester",
-    method: Literal["eigen", "plain"] = "eigen",
+    method: Literal["auto", "eigen", "plain"] = "auto",
     laws: bool = False,
     batch_size: int | None | Literal["auto"] = "auto",
     dedupe: bool = True,
@@ -817,11 +829,13 @@ def evaluate(
       broadcast to the grid's shape.
     - `kind`: the PAC-Bayes bound, `"mcallester"` or `"kl"` (see
       [`jaxou.pac_bayes_bound`][]).
-    - `method`: `"eigen"` (default; one eigendecomposition of each Hessian for the
+    - `method`: `"eigen"` (one eigendecomposition of each Hessian for the
       whole grid, then closed forms in the scalars lr/B, the Hessian scale and the
-      shift, evaluated in that eigenbasis) or
+      shift, evaluated in that eigenbasis; dense models only) or
       `"plain"` (rebuild the model and call [`jaxou.two_stage_bound`][] at each
-      point; the reference).
+      point; the reference, and the path of models with operator stages, whose
+      points are evaluated one after the other outside `jit`); `"auto"` (default)
+      chooses `"eigen"` for dense models and `"plain"` otherwise.
     - `laws`: also return the four laws at every point (memory: grid × d²).
     - `batch_size`: points evaluated at once (`lax.map` over batches of `vmap`);
       `"auto"` picks one that keeps the temporaries near 256 MB (one point at a
@@ -839,11 +853,18 @@ def evaluate(
     non-positive learning rate, batch size or Hessian scale, negative shift);
     `TypeError` for a wrong model or hyperparameter type.
     """
+    if method == "auto":
+        method = "eigen" if _is_dense(model) else "plain"
     h, shape, n, flat = _prepare("evaluate", model, hyper, kind, method)
     law_params, inverse = _dedupe(flat, n, dedupe)
-    if batch_size == "auto":
-        batch_size = _auto_batch(model.dim, law_params["pretrain_lr"].shape[0], method)
-    out = _evaluate_flat(model, law_params, flat, inverse, kind, method, laws, batch_size)
+    if not _is_dense(model):
+        out = _eager_map(lambda p: _point_plain(model, p, laws), law_params)
+        out = jax.tree.map(lambda x: x[inverse], out)
+        out = jax.vmap(lambda o, p: _with_bounds(o, p, kind))(out, flat)
+    else:
+        if batch_size == "auto":
+            batch_size = _auto_batch(model.dim, law_params["pretrain_lr"].shape[0], method)
+        out = _evaluate_flat(model, law_params, flat, inverse, kind, method, laws, batch_size)
     out = jax.tree.map(lambda x: x.reshape(shape + x.shape[1:]), out)
     return GridResult(
         hyper=Hyperparameters(**h),
@@ -869,7 +890,7 @@ def sensitivity(
     terms: tuple[str, ...] | None = None,
     wrt: tuple[str, ...] | None = None,
     kind: Literal["mcallester", "kl"] = "mcallester",
-    method: Literal["eigen", "plain"] = "eigen",
+    method: Literal["auto", "eigen", "plain"] = "auto",
     batch_size: int | None | Literal["auto"] = "auto",
 ) -> dict[str, dict[str, Float[Array, "*grid"]]]:
     r"""Derivatives of every term with respect to every hyperparameter, at every
@@ -908,8 +929,13 @@ def sensitivity(
     for w in wrt:
         if w not in HYPERPARAMETERS:
             raise _unknown(w)
+    if method == "auto":
+        method = "eigen" if _is_dense(model) else "plain"
     _, shape, n, flat = _prepare("sensitivity", model, hyper, kind, method)
-    if batch_size == "auto":
-        batch_size = _auto_batch(model.dim, n, method, 2**27)
-    out = _sensitivity_flat(model, flat, kind, method, wrt, terms, batch_size)
+    if not _is_dense(model):
+        out = _eager_map(_point_sensitivity(model, kind, method, wrt, terms), flat)
+    else:
+        if batch_size == "auto":
+            batch_size = _auto_batch(model.dim, n, method, 2**27)
+        out = _sensitivity_flat(model, flat, kind, method, wrt, terms, batch_size)
     return jax.tree.map(lambda x: x.reshape(shape), out)

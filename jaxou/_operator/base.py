@@ -38,11 +38,11 @@ class AbstractOperator(eqx.Module):
         """The floating dtype."""
 
     @abc.abstractmethod
-    def mv(self, x: Float[Array, "d *k"]) -> Float[Array, "d *k"]:
+    def mv(self, x: Float[Array, " d *k"]) -> Float[Array, " d *k"]:
         """$M x$ for a vector `[d]` or a block of columns `[d, k]`."""
 
     @abc.abstractmethod
-    def solve(self, x: Float[Array, "d *k"]) -> Float[Array, "d *k"]:
+    def solve(self, x: Float[Array, " d *k"]) -> Float[Array, " d *k"]:
         """$M^{-1} x$ for a vector `[d]` or a block of columns `[d, k]` (positive
         definite $M$)."""
 
@@ -67,7 +67,7 @@ class AbstractOperator(eqx.Module):
         """$c M$ for a scalar $c$, in the same representation."""
 
     @abc.abstractmethod
-    def root_mv(self, z: Float[Array, "*n r"]) -> Float[Array, "*n d"]:
+    def root_mv(self, z: Float[Array, " *n r"]) -> Float[Array, " *n d"]:
         r"""$R z$ for a factor $R$ with $R R^\top = M$ ($M$ positive semi-definite),
         applied to each row of `z`: the map that turns standard normal draws into
         draws of $N(0, M)$. `z` has `root_width` columns."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,9 +47,7 @@ def check_matrix(name: str, M: Array, *, definite: bool) -> None:
     lam = np.linalg.eigvalsh(0.5 * (Mn + np.swapaxes(Mn, -1, -2)))
     smallest = float(np.min(lam))
     if definite and not smallest > 0:
-        raise ValueError(
-            f"{name} is not positive definite (smallest eigenvalue {smallest:.3g})"
-        )
+        raise ValueError(f"{name} is not positive definite (smallest eigenvalue {smallest:.3g})")
     if not definite and smallest < -10 * d * eps * scale:
         raise ValueError(
             f"{name} is not positive semi-definite (smallest eigenvalue {smallest:.3g})"
