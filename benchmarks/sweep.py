@@ -1,4 +1,4 @@
-"""Benchmark of `jaxou.evaluate` / `jaxou.sensitivity` and the structured path.
+"""Benchmark of `jaxou.evaluate` / `jaxou.sensitivity` and of operator stages.
 
     .venv/bin/python benchmarks/sweep.py            # full run
     .venv/bin/python benchmarks/sweep.py --quick    # smoke run
@@ -10,12 +10,11 @@
 2. The cost of a gradient (reverse mode, every hyperparameter, `jax.grad`
    through `jaxou.evaluate`) relative to the forward evaluation, on the same
    distinct points (interleaved rounds), and of every sensitivity (forward mode).
-3. The structured path (low-rank plus diagonal, exact case) at d = 10⁴, 10⁵,
-   10⁶: time and peak memory (each size in its own process).
-4. The structured approximation (low-rank Hessian whose diagonal remainder is
-   not constant, noise not commuting with it: the Neumann series of
-   `jaxou.structured_stationary`): its error against SciPy's dense Lyapunov
-   solution, for several spreads of the diagonal and numbers of corrections.
+3. Operator stages (low-rank plus diagonal Hessian with a constant diagonal:
+   the exact structured solve) at d = 10⁴, 10⁵, 10⁶, through `jaxou.SGDStage`
+   and `jaxou.two_stage_bound`: time and peak memory (each size in its own
+   process). The general case (a non-constant diagonal) is the large-scale
+   solver's, benchmarked in `benchmarks/large_lyapunov.py`.
 
 Accuracy is checked before any time is reported. Results (with machine and
 versions) go to benchmarks/results/sweep.{json,md,png} (sweep_quick.* with
@@ -230,20 +229,19 @@ import json, sys, time
 import jax
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp, numpy as np
-from jaxou import (LowRankDiagonal, StructuredGaussian, structured_stationary,
-                   structured_two_stage_bound)
+import jaxou
 d, k = int(sys.argv[1]), int(sys.argv[2])
 rng = np.random.default_rng(0)
 U = np.linalg.qr(rng.standard_normal((d, k)))[0]
 lam = np.logspace(2, 0, k)
-H_S = LowRankDiagonal(U, lam, np.full(d, 0.01))
-C_S = LowRankDiagonal(U, 0.5 * lam, rng.uniform(0.5, 1.0, d))
-H_T = LowRankDiagonal(U, 1.5 * lam, np.full(d, 0.015))
+H_S = jaxou.DiagonalPlusLowRank(np.full(d, 0.01), U, np.diag(lam))
+C_S = jaxou.DiagonalPlusLowRank(rng.uniform(0.5, 1.0, d), U, np.diag(0.5 * lam))
+H_T = jaxou.DiagonalPlusLowRank(np.full(d, 0.015), U, np.diag(1.5 * lam))
 def once():
-    src, _ = structured_stationary(H_S, C_S, jnp.zeros(d), 0.05, 128)
-    tgt, _ = structured_stationary(H_T, C_S, 1e-3 * jnp.ones(d), 0.01, 32)
-    init = StructuredGaussian.isotropic(jnp.zeros(d), 0.1)
-    b, disc = structured_two_stage_bound(init, src, tgt, 1e7, 1e4)
+    src = jaxou.SGDStage(H_S, C_S, jnp.zeros(d), 0.05, 128)
+    tgt = jaxou.SGDStage(H_T, C_S, 1e-3 * jnp.ones(d), 0.01, 32)
+    init = jaxou.Gaussian(jnp.zeros(d), jaxou.Diagonal(jnp.full(d, 0.01)))
+    b = jaxou.two_stage_bound(jaxou.TwoStage(init, src, tgt), 1e7, 1e4)
     return float(b.finetune_bound)
 t0 = time.perf_counter(); value = once(); first = time.perf_counter() - t0
 t0 = time.perf_counter(); once(); second = time.perf_counter() - t0
@@ -275,72 +273,6 @@ def structured_benchmark(quick: bool) -> list[dict]:
         )
         out.append(row)
     return out
-
-
-def structured_error(quick: bool) -> list[dict]:
-    """Error of the Neumann-series approximation against the dense solution."""
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-    import jax.numpy as jnp
-    import scipy.linalg as sl
-
-    import jaxou
-    from jaxou import LowRankDiagonal, structured_stationary
-
-    d, k = (60, 4) if quick else (300, 8)
-    rng = np.random.default_rng(1)
-    U = np.linalg.qr(rng.standard_normal((d, k)))[0]
-    Uc = np.linalg.qr(rng.standard_normal((d, 4)))[0]
-    C = LowRankDiagonal(Uc, [3.0, 2.0, 1.0, 0.5], rng.uniform(0.2, 1.0, d))
-    lr, bs = 0.05, 32.0
-    rows = []
-    for ratio in (1.5, 3.0, 10.0, 100.0):
-        h = np.exp(rng.uniform(np.log(1.0 / ratio), 0.0, d))
-        h[:2] = [1.0 / ratio, 1.0]  # the spread is exactly `ratio`
-        H = LowRankDiagonal(U, np.logspace(2, 0, k), h)
-        S = sl.solve_continuous_lyapunov(np.asarray(H.dense()), lr / bs * np.asarray(C.dense()))
-        ref = jaxou.Gaussian(jnp.zeros(d), jnp.asarray(0.5 * (S + S.T)))
-        rho = (ratio - 1) / (ratio + 1)
-        for n in (0, 1, 2, 3):
-            row = {
-                "d": d,
-                "k": k,
-                "h_max_over_min": ratio,
-                "rho": rho,
-                "corrections": n,
-                "error_bound": float(jaxou.structured_error_bound(H, C, corrections=n)),
-                "refused": None,
-                "rank": None,
-                "cov_rel_err": None,
-                "kl_to_dense": None,
-            }
-            rows.append(row)
-            try:
-                # max_error_bound=1: measure even what jaxou refuses by default.
-                law, exact = structured_stationary(
-                    H, C, np.zeros(d), lr, bs, corrections=n, max_error_bound=1.0
-                )
-            except ValueError as e:  # not positive definite: refused
-                print(f"[approx] h spread {ratio:g}, {n} corrections: refused ({e})")
-                row["refused"] = str(e).splitlines()[0]
-                continue
-            assert not exact
-            X = np.asarray(law.cov.dense())
-            err = float(np.linalg.norm(X - S) / np.linalg.norm(S))
-            try:
-                kl = float(
-                    jaxou.kl(jaxou.Gaussian(jnp.zeros(d), jnp.asarray(0.5 * (X + X.T))), ref)
-                )
-            except Exception:  # an indefinite approximation has no KL
-                kl = float("nan")
-            row.update(rank=int(law.cov.factor.shape[1]), cov_rel_err=err, kl_to_dense=kl)
-            print(
-                f"[approx] h spread {ratio:g} (rho {rho:.3f}), {n} corrections: "
-                f"rel. error {err:.2e}, KL(approx || dense) {kl:.2e}",
-                flush=True,
-            )
-    return rows
 
 
 def _machine() -> dict:
@@ -430,7 +362,7 @@ def _markdown(res: dict) -> str:
         "all 16 terms × 11 hyperparameters "
         f"(forward mode): {g['sensitivity_over_forward']:.1f}×",
         "",
-        "## Structured path (low rank k = 8 plus diagonal, exact case)",
+        "## Operator stages (low rank k = 8 plus a constant diagonal: exact structured solve)",
         "",
         "| d | time (s) | first call (s) | peak RSS (MB) |",
         "|---|---|---|---|",
@@ -438,33 +370,6 @@ def _markdown(res: dict) -> str:
     for r in res["structured"]:
         lines.append(
             f"| {r['d']:,} | {r['second_s']:.2f} | {r['first_s']:.2f} | {r['peak_rss_mb']:.0f} |"
-        )
-    e = res["structured_error"]
-    lines += [
-        "",
-        f"## Structured approximation (d = {e[0]['d']}, k = {e[0]['k']}): Neumann series "
-        "against SciPy's dense solution",
-        "",
-        "Low-rank Hessian U Λ Uᵀ + diag(h) with a non-constant h, noise not commuting "
-        "with it (`structured_stationary(..., corrections=n)`); ρ = (h_max − h_min)/"
-        "(h_max + h_min) bounds the relative error by ρ^(n+1) (`structured_error_bound`); "
-        "by default jaxou refuses a bound ≥ 1/2 and an indefinite result "
-        "(measured here with `max_error_bound=1`).",
-        "",
-        "| h_max/h_min | ρ | corrections | bound ρ^(n+1) | rank "
-        "| ‖Σ − Σ_dense‖/‖Σ_dense‖ | KL(approx ‖ dense) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in e:
-        bound = r.get("error_bound")
-        bound = "" if bound is None else f"{bound:.2e}"
-        if r.get("refused"):
-            tail = "refused: not positive definite | |"
-        else:
-            tail = f"{r['cov_rel_err']:.2e} | {r['kl_to_dense']:.2e} |"
-        lines.append(
-            f"| {r['h_max_over_min']:g} | {r['rho']:.3f} | {r['corrections']} | {bound} | "
-            f"{r['rank']} | {tail}"
         )
     return "\n".join(lines) + "\n"
 
@@ -478,7 +383,6 @@ def main() -> None:
         "machine": _machine(),
         "grid": grid_benchmark(args.quick),
         "structured": structured_benchmark(args.quick),
-        "structured_error": structured_error(args.quick),
     }
     out = os.path.join(HERE, "results")
     os.makedirs(out, exist_ok=True)

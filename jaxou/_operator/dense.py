@@ -58,7 +58,7 @@ class Dense(AbstractOperator):
     r"""A symmetric matrix held densely: `matrix` `[d, d]`.
 
     Solves and log-determinants go through a Cholesky factor, the square-root
-    factor through `eigh` ([`jaxou.Dense.root_mv`][]), so that positive
+    factor through `eigh` (`root_mv`), so that positive
     semi-definite matrices can be sampled from.
 
     **Arguments:**

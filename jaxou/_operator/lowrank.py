@@ -51,7 +51,7 @@ class DiagonalPlusLowRank(AbstractOperator):
     covariance $\frac1N G^\top G$ from per-example gradients, the stationary
     covariances of the large-scale Lyapunov solvers. Solves, log-determinants and
     the KL divergence need a positive diagonal; see
-    [`jaxou.DiagonalPlusLowRank.with_positive_diagonal`][] for one with zeros.
+    `with_positive_diagonal` for one with zeros.
 
     **Arguments:**
 
