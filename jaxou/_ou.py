@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from ._gaussian import Gaussian
 from ._flow import ou_flow
 from ._lyapunov import lyapunov
-from ._misc import as_float_array
+from ._misc import as_float_array, is_concrete
 
 __all__ = ["OUProcess", "OUDrift", "OUDiffusion"]
 
@@ -87,6 +88,9 @@ class OUProcess(eqx.Module):
         for name, x in (("mean", mean), ("diffusion", diffusion)):
             if x.dtype != drift.dtype:
                 raise TypeError(f"OUProcess: drift is {drift.dtype} but {name} is {x.dtype}")
+        for name, x in (("drift", drift), ("mean", mean), ("diffusion", diffusion)):
+            if is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
+                raise ValueError(f"OUProcess: {name} has non-finite entries (NaN or inf)")
         self.drift = drift
         self.mean = mean
         self.diffusion = diffusion
