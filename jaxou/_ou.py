@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from ._gaussian import Gaussian
 from ._flow import ou_flow
+from ._gaussian import Gaussian
 from ._lyapunov import lyapunov
 from ._misc import as_float_array, is_concrete
 

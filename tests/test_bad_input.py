@@ -3,12 +3,12 @@ in every array argument of the public constructors and functions, indefinite
 covariances; and singular or rank-deficient noise covariances, which are valid, give
 the right laws."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg as sl
 
 import jaxou
+
 from helpers import random_psd, random_spd
 
 D = 4
