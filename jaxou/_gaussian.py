@@ -4,6 +4,7 @@ Wasserstein-2 distance, log-density and sampling."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import equinox as eqx
@@ -192,6 +193,20 @@ def kl_parts(p: Gaussian, q: Gaussian) -> KLDecomposition:
     part is $\frac12\|L_q^{-1}(\mu_p-\mu_q)\|^2$; both triangular solves share one
     call.
 
+    **Singular laws.** A covariance with an eigenvalue at or below
+    $\epsilon_d\,\lambda_{\max}$, $\epsilon_d = 10\,d\,\varepsilon$ of the dtype
+    (`support_rtol`; $2.2\cdot10^{-15}d$ in float64), is singular: its law lives
+    on $\mu + \mathrm{range}(\Sigma)$. Detected from the Cholesky pivots (one
+    `lax.cond`, so regular inputs pay nothing more), the KL is then taken on the
+    common support with pseudo-determinants: with $R$ an orthonormal basis of
+    $\mathrm{range}(\Sigma_q)$ ($r$ columns) and $\Lambda_r$ its eigenvalues, it is
+    the KL of the $r$-dimensional laws $N(R^\top\mu_p, R^\top\Sigma_pR)$ and
+    $N(R^\top\mu_q, \Lambda_r)$. It is $+\infty$, with a warning that says why for
+    concrete inputs, where the supports differ ($\Sigma_p$ has mass outside
+    $\mathrm{range}(\Sigma_q)$, or is singular inside it) or where the mean shift
+    leaves the support. Structured covariances that are singular go through the
+    same dense computation (up to jaxou's dense limit).
+
     Structured covariances ([`jaxou.Diagonal`][], [`jaxou.DiagonalPlusLowRank`][])
     go through the Woodbury identity instead, in $O(dm^2)$ (see
     `_kl_parts_structured`); a structured law against a dense one is compared
@@ -211,14 +226,37 @@ def kl_parts(p: Gaussian, q: Gaussian) -> KLDecomposition:
     if p.mean.dtype != q.mean.dtype:
         raise TypeError(f"kl: p is {p.mean.dtype} but q is {q.mean.dtype}")
     if p.is_dense and q.is_dense:
-        return _kl_parts(p.mean, p.cov, q.mean, q.cov)
+        return _with_reason(_kl_parts(p.mean, p.cov, q.mean, q.cov), p, q)
     P = as_dplr(p.cov) if not p.is_dense else None
     Q = as_dplr(q.cov) if not q.is_dense else None
-    if P is None or Q is None:
-        return _kl_parts(p.mean, densify(p.cov, "kl"), q.mean, densify(q.cov, "kl"))
+    if P is None or Q is None or not (_positive_definite(P) and _positive_definite(Q)):
+        dense_p = Gaussian(p.mean, densify(p.cov, "kl with a singular or dense operator"))
+        dense_q = Gaussian(q.mean, densify(q.cov, "kl with a singular or dense operator"))
+        return _with_reason(_kl_parts(p.mean, dense_p.cov, q.mean, dense_q.cov), p, q)
     if is_concrete(P.diagonal, Q.diagonal):
         P, Q = P.with_positive_diagonal(), Q.with_positive_diagonal()
     return _kl_parts_structured(p.mean, P, q.mean, Q)
+
+
+def _positive_definite(M: DiagonalPlusLowRank) -> bool:
+    """Whether a concrete DiagonalPlusLowRank is numerically positive definite (True
+    under `jit`, where the Woodbury path is taken as it is)."""
+    if not is_concrete(M.diagonal, M.factor, M.core):
+        return True
+    M = M.with_positive_diagonal()
+    if M.rank == 0:
+        return True
+    tau = np.asarray(M.whitened().tau)
+    return bool(1 + tau.min() > support_rtol(M.dim, M.dtype) * (1 + max(tau.max(), 0)))
+
+
+def _with_reason(parts: KLDecomposition, p: Gaussian, q: Gaussian) -> KLDecomposition:
+    """Warn, with the reason, when a concrete KL is infinite."""
+    if is_concrete(parts.total) and not np.all(np.isfinite(np.asarray(parts.total))):
+        reason = _support_reason(p.mean, p.cov_matrix(), q.mean, q.cov_matrix())
+        if reason is not None:
+            warnings.warn(f"kl: KL(p ‖ q) = inf: {reason}", stacklevel=3)
+    return parts
 
 
 @eqx.filter_jit
@@ -249,6 +287,59 @@ def _kl_parts_structured(mp, P: DiagonalPlusLowRank, mq, Q: DiagonalPlusLowRank)
 
 # One compiled program (eagerly, a dozen small operations each paid for its own
 # compilation on first use: about 2 s); inlined under an outer `jax.jit`.
+def support_rtol(d: int, dtype) -> float:
+    """The eigenvalue tolerance of singular laws: an eigenvalue of a covariance at or
+    below `support_rtol × λ_max` counts as zero (10 d ε of the dtype)."""
+    return 10 * d * float(jnp.finfo(dtype).eps)
+
+
+def _kl_degenerate(diff, p_cov, q_cov) -> KLDecomposition:
+    r"""KL between possibly singular Gaussians, on their common support.
+
+    With $\Sigma_q = V\Lambda V^\top$ and $R$ the eigenvectors whose eigenvalues
+    exceed `support_rtol` × $\lambda_{\max}$ (rank $r$), the KL is finite iff $p$
+    has the same support: $\Sigma_p$ has no mass outside $\mathrm{range}(R)$, is
+    nonsingular inside it, and $\mu_p - \mu_q \in \mathrm{range}(R)$. Then, with
+    $\mu_i$ the eigenvalues of $\Lambda_r^{-1/2}R^\top\Sigma_pR\Lambda_r^{-1/2}$,
+    $\mathrm{KL} = \frac12\sum_i\varphi(\ln\mu_i) + \frac12\sum_{i\le r}
+    (R^\top(\mu_p-\mu_q))_i^2/\lambda_i$ (pseudo-determinants: the terms are
+    those of the $r$-dimensional law); otherwise it is $+\infty$."""
+    d = diff.shape[-1]
+    rtol = support_rtol(d, diff.dtype)
+    lam, V = jnp.linalg.eigh(q_cov)
+    keep = lam > rtol * jnp.maximum(lam[..., -1:], jnp.finfo(lam.dtype).tiny)
+    both = keep[..., :, None] & keep[..., None, :]
+    Pp = jnp.swapaxes(V, -1, -2) @ p_cov @ V
+    scale_p = jnp.maximum(jnp.trace(p_cov, axis1=-2, axis2=-1), jnp.finfo(lam.dtype).tiny)
+    leak = jnp.sum(jnp.where(both, 0, jnp.abs(Pp)), (-2, -1)) > rtol * scale_p
+    root = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1)), 0)
+    eye = jnp.eye(d, dtype=lam.dtype)
+    M = jnp.where(both, Pp * root[..., :, None] * root[..., None, :], eye)
+    mu = jnp.linalg.eigvalsh(M)
+    collapsed = jnp.min(mu, -1) <= rtol * jnp.max(mu, -1)
+    cov_part = 0.5 * jnp.sum(_phi(jnp.log(jnp.where(mu > 0, mu, 1))), -1)
+    z = jnp.einsum("...ji,...j->...i", V, diff)
+    off = jnp.sum(jnp.where(keep, 0, z**2), -1) > rtol**2 * jnp.maximum(jnp.sum(diff**2, -1), 0)
+    shift = 0.5 * jnp.sum((z * root) ** 2, -1)
+    inf = jnp.asarray(jnp.inf, cov_part.dtype)
+    cov_part = jnp.where(leak | collapsed, inf, cov_part)
+    shift = jnp.where(off, inf, shift)
+    return KLDecomposition(cov_part + shift, cov_part, shift)
+
+
+def _support_reason(p_mean, p_cov, q_mean, q_cov) -> str | None:
+    """Why KL(p ‖ q) is infinite, for concrete singular inputs (or None)."""
+    parts = _kl_degenerate(jnp.asarray(p_mean - q_mean), jnp.asarray(p_cov), jnp.asarray(q_cov))
+    if np.all(np.isfinite(np.asarray(parts.total))):
+        return None
+    if not np.all(np.isfinite(np.asarray(parts.covariance))):
+        return (
+            "the supports of p and q differ (the range of p's covariance is not that of "
+            "q's, up to eigenvalues below support_rtol × the largest)"
+        )
+    return "the mean shift leaves the support of q (the range of its covariance)"
+
+
 @jax.jit
 def _kl_parts(p_mean, p_cov, q_mean, q_cov) -> KLDecomposition:
     d = p_mean.shape[-1]
@@ -277,7 +368,18 @@ def _kl_parts(p_mean, p_cov, q_mean, q_cov) -> KLDecomposition:
     off = jnp.tril(M, k=-1)
     cov_part = 0.5 * (jnp.sum(_phi(2 * log_ratio), -1) + jnp.sum(off**2, (-2, -1)))
     shift = 0.5 * jnp.sum(z**2, -1)
-    return KLDecomposition(cov_part + shift, cov_part, shift)
+    regular = KLDecomposition(cov_part + shift, cov_part, shift)
+    # A numerically singular covariance (a Cholesky pivot² at or below support_rtol
+    # × the largest diagonal entry, or a failed factorisation): the law lives on a
+    # subspace, and the KL is taken there (pseudo-determinants) or is +inf.
+    pivots = jnp.diagonal(L, axis1=-2, axis2=-1) ** 2
+    scale = jnp.max(jnp.diagonal(covs, axis1=-2, axis2=-1), -1, keepdims=True)
+    singular = ~jnp.all(pivots > support_rtol(d, p_mean.dtype) * scale)
+    return jax.lax.cond(
+        singular,
+        lambda: _kl_degenerate(diff, covs[0], covs[1]),
+        lambda: regular,
+    )
 
 
 def kl(p: Gaussian, q: Gaussian) -> Float[Array, "*batch"]:
