@@ -229,25 +229,16 @@ def kl_parts(p: Gaussian, q: Gaussian) -> KLDecomposition:
         return _with_reason(_kl_parts(p.mean, p.cov, q.mean, q.cov), p, q)
     P = as_dplr(p.cov) if not p.is_dense else None
     Q = as_dplr(q.cov) if not q.is_dense else None
-    if P is None or Q is None or not (_positive_definite(P) and _positive_definite(Q)):
-        dense_p = Gaussian(p.mean, densify(p.cov, "kl with a singular or dense operator"))
-        dense_q = Gaussian(q.mean, densify(q.cov, "kl with a singular or dense operator"))
-        return _with_reason(_kl_parts(p.mean, dense_p.cov, q.mean, dense_q.cov), p, q)
-    if is_concrete(P.diagonal, Q.diagonal):
-        P, Q = P.with_positive_diagonal(), Q.with_positive_diagonal()
-    return _kl_parts_structured(p.mean, P, q.mean, Q)
-
-
-def _positive_definite(M: DiagonalPlusLowRank) -> bool:
-    """Whether a concrete DiagonalPlusLowRank is numerically positive definite (True
-    under `jit`, where the Woodbury path is taken as it is)."""
-    if not is_concrete(M.diagonal, M.factor, M.core):
-        return True
-    M = M.with_positive_diagonal()
-    if M.rank == 0:
-        return True
-    tau = np.asarray(M.whitened().tau)
-    return bool(1 + tau.min() > support_rtol(M.dim, M.dtype) * (1 + max(tau.max(), 0)))
+    if P is not None and Q is not None:
+        if is_concrete(P.diagonal, Q.diagonal):
+            P, Q = P.with_positive_diagonal(), Q.with_positive_diagonal()
+        parts, smallest = _kl_parts_structured(p.mean, P, q.mean, Q)
+        if not is_concrete(smallest) or float(smallest) > support_rtol(p.dim, p.mean.dtype):
+            return parts
+    # A dense operator, or a numerically singular structured one: densely.
+    what = "kl with a singular or dense operator"
+    dense_p, dense_q = densify(p.cov, what), densify(q.cov, what)
+    return _with_reason(_kl_parts(p.mean, dense_p, q.mean, dense_q), p, q)
 
 
 def _with_reason(parts: KLDecomposition, p: Gaussian, q: Gaussian) -> KLDecomposition:
@@ -270,7 +261,7 @@ def _kl_parts_structured(mp, P: DiagonalPlusLowRank, mq, Q: DiagonalPlusLowRank)
     the $O(d)$ bulk, enter through $\varphi$ without cancellation. Every pass over
     $d$ is a matrix product; the rest is $m \times m$."""
     gp, gq = P.diagonal, Q.diagonal
-    wp, wq = P.whitened(), Q.whitened()
+    wp, wq = P.whitened(basis=False), Q.whitened(basis=False)
     A = Q.factor / gq[:, None]
     diag_part = jnp.sum(_phi(jnp.log(gp) - jnp.log(gq)))
     tr_low = jnp.sum((P.factor.T @ (P.factor / gq[:, None])) * P.core)
@@ -282,7 +273,14 @@ def _kl_parts_structured(mp, P: DiagonalPlusLowRank, mq, Q: DiagonalPlusLowRank)
     diff = mp - mq
     z = A.T @ diff
     shift = 0.5 * (jnp.sum(diff**2 / gq) - z @ wq.inner @ z)
-    return KLDecomposition(cov + shift, cov, shift)
+    # The smallest eigenvalue of each whitened covariance I + Q diag(τ) Qᵀ, relative
+    # to the largest: at or below support_rtol the law is singular.
+    smallest = jnp.minimum(_relative_floor(wp.tau), _relative_floor(wq.tau))
+    return KLDecomposition(cov + shift, cov, shift), smallest
+
+
+def _relative_floor(tau: Array) -> Array:
+    return (1 + jnp.min(tau, initial=0)) / (1 + jnp.max(tau, initial=0))
 
 
 # One compiled program (eagerly, a dozen small operations each paid for its own

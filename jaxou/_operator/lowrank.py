@@ -23,6 +23,10 @@ from .diagonal import check_diagonal
 
 __all__ = ["DiagonalPlusLowRank", "sym"]
 
+# The eager definiteness check whitens the matrix, O(d m²); above this many flops
+# only the cheap checks (finite entries, signs of the diagonal, a symmetric core) run.
+_CHECK_FLOPS = 1e10
+
 
 def sym(M: Array) -> Array:
     """(M + Mᵀ)/2 over the last two axes."""
@@ -37,7 +41,7 @@ class _Whitened(eqx.Module):
     M⁻¹ = D⁻¹ − A K Aᵀ with A = D⁻¹ Z)."""
 
     tau: Array
-    basis: Array
+    basis: Array | None
     inner: Array
 
 
@@ -123,9 +127,10 @@ class DiagonalPlusLowRank(AbstractOperator):
     def scale(self, c):
         return DiagonalPlusLowRank(c * self.diagonal, self.factor, c * self.core)
 
-    def whitened(self) -> _Whitened:
+    def whitened(self, *, basis: bool = True) -> _Whitened:
         """The m × m algebra behind solves, log-determinants and square roots (see
-        the module docstring). Needs a positive diagonal."""
+        the module docstring). Needs a positive diagonal. `basis=False` skips the
+        `[d, m]` basis (solves and log-determinants do not need it)."""
         A = self.factor / self.diagonal[:, None]
         if self.rank == 0:
             empty = jnp.zeros((0,), self.dtype)
@@ -137,16 +142,19 @@ class DiagonalPlusLowRank(AbstractOperator):
         tau, V = jnp.linalg.eigh(sym(G_half @ self.core @ G_half))
         # Q = Z̃ G^{-1/2} V on the range of G (directions with γ = 0 carry τ = 0).
         inv_root = jnp.where(gamma > 0, 1 / jnp.where(gamma > 0, root, 1), 0)
-        basis = (self.factor / jnp.sqrt(self.diagonal)[:, None]) @ ((E * inv_root) @ E.T @ V)
         W = self.core @ G_half @ V
         inner = sym(self.core - (W / (1 + tau)) @ W.T)
-        return _Whitened(tau, basis, inner)
+        if not basis:
+            return _Whitened(tau, None, inner)
+        Q = (self.factor / jnp.sqrt(self.diagonal)[:, None]) @ ((E * inv_root) @ E.T @ V)
+        return _Whitened(tau, Q, inner)
 
     def logdet(self):
-        return jnp.sum(jnp.log(self.diagonal)) + jnp.sum(jnp.log1p(self.whitened().tau))
+        tau = self.whitened(basis=False).tau
+        return jnp.sum(jnp.log(self.diagonal)) + jnp.sum(jnp.log1p(tau))
 
     def solve(self, x):
-        K = self.whitened().inner
+        K = self.whitened(basis=False).inner
         A = self.factor / self.diagonal[:, None]
         g = self.diagonal if x.ndim == 1 else self.diagonal[:, None]
         return x / g - A @ (K @ (A.T @ x))
@@ -212,8 +220,10 @@ class DiagonalPlusLowRank(AbstractOperator):
         if self.rank == 0:
             check_diagonal(name, self.diagonal, definite=definite)
             return
+        if self.dim * self.rank**2 > _CHECK_FLOPS:
+            return  # definiteness costs as much as the algebra itself: not checked
         if np.all(np.asarray(self.diagonal) > 0):
-            smallest = 1 + float(np.min(np.asarray(self.whitened().tau)))
+            smallest = 1 + float(np.min(np.asarray(self.whitened(basis=False).tau)))
             tol = 0 if definite else 100 * self.rank * np.finfo(core.dtype).eps
             if smallest < -tol or (definite and not smallest > 0):
                 what = "positive definite" if definite else "positive semi-definite"
