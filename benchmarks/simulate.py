@@ -3,6 +3,10 @@ torchsde, NumPy and sdeint, on OU ensembles (float32, 1000 steps).
 
     .venv/bin/python benchmarks/simulate.py            # full run (a few minutes)
     .venv/bin/python benchmarks/simulate.py --quick    # smoke run
+    .venv/bin/python benchmarks/simulate.py --baseline /tmp/old --quick
+        # jaxou.simulate of this tree against another copy of jaxou (e.g. the
+        # previous commit: `git worktree add /tmp/old HEAD~1`), interleaved in one
+        # run: the speed ratio of each path (Euler fast path, Diffrax solvers, exact)
 
 Every variant integrates dX = -A(X - mu) dt + G dW with Euler–Maruyama at the same
 dt from the same start, in two modes: "final" (final state only) and "stats10"
@@ -102,10 +106,10 @@ def jax_variants(d, n, steps, dt, mode):
 
     proc = jaxou.OUProcess(Aj, muj, Gj)
 
-    def jaxou_run(method):
+    def jaxou_run(solver):
         def run(key):
             sim = jaxou.simulate(
-                proc, key, n_paths=n, dt=dt, t1=T, initial=x0, method=method, ts=ts
+                proc, key, n_paths=n, dt=dt, t1=T, initial=x0, solver=solver, ts=ts
             )
             return sim.mean[-1], sim.cov[-1]
 
@@ -114,12 +118,12 @@ def jax_variants(d, n, steps, dt, mode):
     out = {
         "jax_scan": scan_em,
         "jax_rng_only": rng_only,
-        "jaxou_euler": jaxou_run("euler"),
+        "jaxou_euler": jaxou_run(jaxou.FusedEuler()),
         "jaxou_diffrax_euler": jaxou_run(diffrax.Euler()),
     }
     if mode == "final":
-        out["jaxou_shark"] = jaxou_run("shark")
-        out["jaxou_exact"] = jaxou_run("exact")
+        out["jaxou_shark"] = jaxou_run(diffrax.ShARK())
+        out["jaxou_exact"] = jaxou_run(jaxou.ExactOU())
     keys = iter(range(10_000))
 
     def wrap(f):
@@ -371,7 +375,8 @@ GENERATOR_NOTES = """\
   go through 64-bit integer multiplies, which AVX2 lacks; it ran slower than
   Threefry-20 here and was not pursued.
 
-The Euler step itself (the adopted path, `method="euler"`, `brownian="fast"`):
+The Euler step itself (the adopted path, `solver=jaxou.FusedEuler()`,
+`brownian=jaxou.CounterBrownianPath`, the defaults):
 each stage is rewritten in the eigenbasis of its noise covariance,
 u = Pᵀ(y − μ), du = −PᵀAP u dt + diag(σ) dW (the same law, and the same Euler
 chain, as the original coordinates), so the noise is elementwise; the drift is
@@ -388,12 +393,175 @@ LLVM from vectorising the loop (now two real products).
 """
 
 
+# ---------------------------------------------------------------------------
+# This tree against a baseline copy of jaxou (the previous commit), in one run.
+#
+# Two worker processes, one importing each copy of jaxou, stay alive through the
+# run; the parent sends each case to both in turn (round-robin over rounds, so
+# that load from other processes hits both alike) and each worker times its own
+# call. A worker speaks the API of its copy: `solver=` objects, or the older
+# `method=` strings.
+
+BASELINE_CASES = [
+    # (name, d, n_paths, steps, mode, solver); each call takes a few tenths of a second
+    ("euler d=2", 2, 65_536, 1000, "final", "euler"),
+    ("euler d=16 stats10", 16, 16_384, 1000, "stats10", "euler"),
+    ("euler d=16 float64", 16, 8192, 500, "final", "euler64"),
+    ("shark d=4", 4, 8192, 500, "final", "shark"),
+    ("exact d=16 stats10", 16, 65_536, 1000, "stats10", "exact"),
+]
+
+
+def _worker() -> None:
+    """Serve timing requests on stdin/stdout, one JSON object a line."""
+    import inspect
+
+    import diffrax
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_x64", True)
+    import jaxou
+
+    new_api = "solver" in inspect.signature(jaxou.simulate).parameters
+    solvers = {"euler": "FusedEuler", "euler64": "FusedEuler", "exact": "ExactOU"}
+    print(json.dumps({"jaxou": jaxou.__file__, "new_api": new_api}), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        dtype = jnp.float64 if job["solver"] == "euler64" else jnp.float32
+        A, mu, G = (jnp.asarray(x, dtype) for x in _problem(job["d"]))
+        proc = jaxou.OUProcess(A, mu, G)
+        steps, dt = job["steps"], 0.01
+        ts = np.arange(1, steps // 10 + 1) * 10 * dt if job["mode"] == "stats10" else None
+        name = job["solver"]
+        if new_api:
+            obj = getattr(jaxou, solvers[name])() if name in solvers else diffrax.ShARK()
+            kw = {"solver": obj}
+        else:
+            kw = {"method": {"euler64": "euler"}.get(name, name)}
+        t0 = time.perf_counter()
+        sim = jaxou.simulate(
+            proc,
+            jax.random.key(job["seed"]),
+            n_paths=job["n"],
+            dt=dt,
+            t1=steps * dt,
+            initial=jnp.zeros(job["d"], dtype),
+            ts=ts,
+            **kw,
+        )
+        jax.block_until_ready(sim.cov)
+        seconds = time.perf_counter() - t0
+        out = {"seconds": seconds, "mean": np.asarray(sim.mean[-1], np.float64).tolist()}
+        print(json.dumps(out), flush=True)
+
+
+class _Worker:
+    def __init__(self, pythonpath: str):
+        env = dict(os.environ, PYTHONPATH=pythonpath)
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.info = json.loads(self.proc.stdout.readline())
+
+    def run(self, job: dict) -> dict:
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def compare_baseline(baseline: str, repeats: int, quick: bool, out_dir: str) -> list[dict]:
+    """Time every case of BASELINE_CASES with this tree's jaxou and the baseline's,
+    interleaved; check that both give the same statistics first. (`JAXOU_BENCH_NEW`
+    replaces this tree by another copy: an A/A run shows the noise of the ratio.)"""
+    root = os.environ.get("JAXOU_BENCH_NEW", os.path.dirname(HERE))
+    workers = {"baseline": _Worker(os.path.abspath(baseline)), "new": _Worker(root)}
+    for k, w in workers.items():
+        print(f"{k}: {w.info['jaxou']} ({'solver=' if w.info['new_api'] else 'method='} API)")
+    rows = []
+    for name, d, n, steps, mode, solver in BASELINE_CASES:
+        if quick:
+            n //= 2
+        job = dict(d=d, n=n, steps=steps, mode=mode, solver=solver, seed=0)
+        first = {k: w.run(job) for k, w in workers.items()}  # compiles
+        # Same draws, same scheme: the two copies agree to rounding.
+        diff = np.max(np.abs(np.subtract(first["new"]["mean"], first["baseline"]["mean"])))
+        assert diff < 1e-5, f"{name}: the two copies disagree by {diff:g}"
+        times = {k: [] for k in workers}
+        for r in range(repeats):
+            # ABBA order: neither copy always runs first after the other.
+            for k in list(workers)[:: 1 if r % 2 == 0 else -1]:
+                times[k].append(workers[k].run(dict(job, seed=r + 1))["seconds"])
+        med = {k: float(np.median(v)) for k, v in times.items()}
+        ratios = np.asarray(times["baseline"]) / np.asarray(times["new"])
+        rows.append(
+            dict(
+                case=name,
+                d=d,
+                n_paths=n,
+                steps=steps,
+                baseline_s=med["baseline"],
+                new_s=med["new"],
+                speed_ratio=med["baseline"] / med["new"],
+                # The fastest call of each: the least disturbed by other processes.
+                speed_ratio_best=min(times["baseline"]) / min(times["new"]),
+                ratio_min=float(ratios.min()),
+                ratio_max=float(ratios.max()),
+                first_call_baseline_s=first["baseline"]["seconds"],
+                first_call_new_s=first["new"]["seconds"],
+            )
+        )
+        r = rows[-1]
+        print(
+            f"{name:22s} baseline {r['baseline_s']:.3f} s, new {r['new_s']:.3f} s: speed ratio "
+            f"{r['speed_ratio']:.3f} (rounds {r['ratio_min']:.2f}-{r['ratio_max']:.2f}, best "
+            f"calls {r['speed_ratio_best']:.3f}); first "
+            f"call {r['first_call_baseline_s']:.1f} / {r['first_call_new_s']:.1f} s",
+            flush=True,
+        )
+    for w in workers.values():
+        w.close()
+    suffix = "_quick" if quick else ""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"simulate_baseline{suffix}.json"), "w") as f:
+        meta = dict(
+            date=datetime.datetime.now().isoformat(timespec="seconds"),
+            machine=platform.platform(),
+            cpus=os.cpu_count(),
+            baseline=baseline,
+            repeats=repeats,
+            loadavg=os.getloadavg(),
+        )
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="compare jaxou.simulate with the copy of jaxou in DIR (only that)",
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        return _worker()
+    if args.baseline:
+        repeats = max(args.repeats, 7)
+        compare_baseline(args.baseline, repeats, args.quick, args.out)
+        return None
 
     import jax
 

@@ -4,12 +4,10 @@ resumable; writes a table (CSV and Parquet), plots and a JSON summary."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import math
 import os
-import shutil
 
 from ._config import BOUND_KINDS
 
@@ -103,45 +101,11 @@ def _check_axes(axes: dict[str, list[float]]) -> None:
 
 def _fingerprint(config, axes, chunk: int) -> str:
     from . import __version__
+    from ._resume import fingerprint
 
     cfg = config.to_dict(arrays=True)
     cfg.pop("output", None)
-    text = json.dumps(
-        {"config": cfg, "axes": axes, "chunk": chunk, "version": __version__},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _prepare_chunks(out_dir: str, fingerprint: str, fresh: bool, progress) -> str:
-    from ._cli import write_atomic
-    from ._config import ConfigError
-
-    chunk_dir = os.path.join(out_dir, CHUNK_DIR)
-    manifest = os.path.join(chunk_dir, "manifest.json")
-    if os.path.exists(manifest):
-        try:
-            with open(manifest) as f:
-                old = json.load(f).get("fingerprint")
-        except (OSError, ValueError):
-            old = None
-        if old != fingerprint:
-            if not fresh:
-                raise ConfigError(
-                    f"{out_dir!r} holds chunks of a different sweep (another config, grid or "
-                    "chunk size); rerun with --fresh to discard them, or choose another --out"
-                )
-            progress.info(f"--fresh: discarding the chunks of a different sweep in {chunk_dir}")
-            shutil.rmtree(chunk_dir)
-    os.makedirs(chunk_dir, exist_ok=True)
-    if not os.path.exists(manifest):
-        write_atomic(manifest, json.dumps({"fingerprint": fingerprint}).encode())
-    return chunk_dir
-
-
-def _chunk_path(chunk_dir: str, i: int) -> str:
-    return os.path.join(chunk_dir, f"chunk_{i:06d}.npz")
+    return fingerprint({"config": cfg, "axes": axes, "chunk": chunk, "version": __version__})
 
 
 def _evaluate_chunk(model, hyper_cols, kind):
@@ -218,27 +182,23 @@ def summarise(table: dict, axes: dict, shape: tuple, info, kind: str) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Figures (Agg canvas, no pyplot state).
+# Figures (Agg canvas, no pyplot state; see jaxou._plot).
 
-
-def _figure(w=7, h=5):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    import warnings
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        # Tiny grids can leave constrained layout no room; the figure is still fine.
-        warnings.simplefilter("ignore", UserWarning)
-        fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
+# How the figures name the hyperparameters.
+SYMBOLS = {
+    "pretrain_lr": "η_S",
+    "pretrain_batch_size": "B_S",
+    "finetune_lr": "η_T",
+    "finetune_batch_size": "B_T",
+    "n_source": "N_S",
+    "n_target": "N_T",
+    "delta": "δ",
+    "empirical_risk_source": "R̂_S",
+    "empirical_risk_target": "R̂_T",
+    "target_shift": "target shift",
+    "target_hessian_scale": "target Hessian scale",
+}
+TERM_NAMES = {"total_term": "total term", "finetune_term": "fine-tuning term"}
 
 
 def _slice_index(axes, keep):
@@ -246,82 +206,129 @@ def _slice_index(axes, keep):
     return tuple(slice(None) if k in keep else len(v) // 2 for k, v in axes.items())
 
 
-def plot_heatmap(table, axes, shape):
-    import numpy as np
+def _fixed(axes, keep) -> str:
+    """The axes not drawn, at the values the figure fixes them to."""
+    from ._plot import format_number
 
+    return ", ".join(
+        f"{SYMBOLS[k]} = {format_number(v[len(v) // 2])}" for k, v in axes.items() if k not in keep
+    )
+
+
+def plot_heatmap(table, axes, shape):
     if not ("finetune_lr" in axes and "finetune_batch_size" in axes):
         return None
+    import numpy as np
+
+    from ._plot import plot_grid_heatmap
+
     keep = ("finetune_lr", "finetune_batch_size")
     idx = _slice_index(axes, keep)
     total = table["total_term"].reshape(shape)[idx]
     d_lr = table["d_total_term_d_finetune_lr"].reshape(shape)[idx]
     if list(axes).index("finetune_lr") > list(axes).index("finetune_batch_size"):
         total, d_lr = total.T, d_lr.T
-    lr, bs = np.asarray(axes["finetune_lr"]), np.asarray(axes["finetune_batch_size"])
-    fig = _figure()
-    ax = fig.subplots()
-    mesh = ax.pcolormesh(bs, lr, total, shading="nearest", cmap="viridis")
-    fig.colorbar(mesh, ax=ax, label="total complexity term")
-    grows = d_lr > 0
-    for i in range(len(lr)):
-        for j in range(len(bs)):
-            ax.text(bs[j], lr[i], "+" if grows[i, j] else "−", ha="center", va="center", color="w")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("fine-tuning batch size B")
-    ax.set_ylabel("fine-tuning lr η")
-    others = {k: v[len(v) // 2] for k, v in axes.items() if k not in keep}
-    ax.set_title(f"bound over (η, B); +/−: sign of ∂bound/∂η\n{others}", fontsize=8)
-    return _png(fig)
+    fixed = _fixed(axes, keep)
+    title = (
+        "total complexity term of the bound over the fine-tuning lr and batch size\n"
+        "+/−: the bound grows/falls with η_T (sign of ∂bound/∂η_T)"
+        + (f"; at {fixed}" if fixed else "")
+    )
+    return plot_grid_heatmap(
+        np.asarray(axes["finetune_batch_size"]),
+        np.asarray(axes["finetune_lr"]),
+        total,
+        np.sign(d_lr),
+        labels=("fine-tuning batch size B_T", "fine-tuning lr η_T", "total complexity term"),
+        title=title,
+    )
 
 
 def plot_slope(table, axes, shape):
-    import numpy as np
-
     if "n_target" not in axes or len(axes["n_target"]) < 2:
         return None
+    import numpy as np
+
+    from ._plot import new_figure, to_png
+
     idx = _slice_index(axes, ("n_target",))
     nt = table["n_target"].reshape(shape)[idx]
-    fig = _figure()
+    fig = new_figure(7, 5)
     ax = fig.subplots()
-    for name, style in (("finetune_term", "o-"), ("pretrain_term", "s--")):
+    for name, label, style in (
+        ("finetune_term", "fine-tuning term", "o-"),
+        ("pretrain_term", "pre-training term", "s--"),
+    ):
         y = table[name].reshape(shape)[idx]
-        slope = _fit_slope(nt, y)
-        ax.loglog(nt, y, style, label=f"{name} (fitted slope {slope:.3f})")
-    ref = table["finetune_term"].reshape(shape)[idx][0] * np.sqrt(nt[0] / nt)
-    ax.loglog(nt, ref, ":", color="gray", label="slope -1/2")
-    ax.set_xlabel("N_T")
-    ax.set_ylabel("complexity term")
-    ax.legend()
-    ax.set_title("the O(1/√N) slope of the fine-tuning term", fontsize=9)
-    return _png(fig)
+        ax.loglog(nt, y, style, label=f"{label} (fitted slope {_fit_slope(nt, y):.3f})")
+    # A guide of slope -1/2, below the fine-tuning line so that both stay visible.
+    guide = 0.6 * table["finetune_term"].reshape(shape)[idx][0] * np.sqrt(nt[0] / nt)
+    ax.loglog(nt, guide, ":", color="gray", label="slope −1/2 (guide)")
+    ax.set_xlabel("target sample size N_T")
+    ax.set_ylabel("complexity term of the bound")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fixed = _fixed(axes, ("n_target",))
+    title = "the O(1/√N_T) slope of the fine-tuning term" + (f"\nat {fixed}" if fixed else "")
+    ax.set_title(title, fontsize=9)
+    return to_png(fig)
 
 
 def plot_sensitivity(table):
     import numpy as np
 
-    labels, values = [], []
-    for w in SENS_WRT:
-        for t in SENS_TERMS:
-            el = table[f"d_{t}_d_{w}"] * table[w] / table[t]
-            labels.append(f"{t}\n/{w}")
-            values.append(float(np.median(el)))
-    fig = _figure(8, 4)
+    from ._plot import new_figure, to_png
+
+    fig = new_figure(8, 4.2)
     ax = fig.subplots()
-    ax.bar(range(len(values)), values, color=["tab:blue", "tab:orange"] * len(SENS_WRT))
-    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    x = np.arange(len(SENS_WRT))
+    width = 0.38
+    for k, t in enumerate(SENS_TERMS):
+        values = [float(np.median(table[f"d_{t}_d_{w}"] * table[w] / table[t])) for w in SENS_WRT]
+        ax.bar(x + (k - 0.5) * width, values, width, label=TERM_NAMES[t])
+    names = {
+        "finetune_lr": "fine-tuning lr η_T",
+        "finetune_batch_size": "fine-tuning batch size B_T",
+        "n_target": "target sample size N_T",
+    }
+    ax.set_xticks(x, [names[w] for w in SENS_WRT])
     ax.axhline(0, color="k", lw=0.5)
     ax.set_ylabel("median elasticity (x/f) ∂f/∂x")
-    ax.set_title("sensitivity of the bound", fontsize=9)
-    return _png(fig)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(
+        "sensitivity of the bound: median over the grid of the relative change of f "
+        "per relative change of x",
+        fontsize=9,
+    )
+    return to_png(fig)
 
 
 # ---------------------------------------------------------------------------
 # The command.
 
 
+def _flat_grid(axes: dict, info, n: int) -> dict:
+    """Every grid point as flat columns (C order of the product grid); the
+    hyperparameters that are no axis keep the problem's values."""
+    import numpy as np
+
+    mesh = np.meshgrid(*[np.asarray(v, float) for v in axes.values()], indexing="ij")
+    base = {
+        "n_source": float(info.n_source),
+        "n_target": float(info.n_target),
+        "delta": float(info.delta),
+        "empirical_risk_source": float(info.empirical_risk_source),
+        "empirical_risk_target": float(info.empirical_risk_target),
+    }
+    flat = {k: np.full(n, v) for k, v in base.items()}
+    flat.update({k: m.ravel() for k, m in zip(axes, mesh)})
+    return flat
+
+
 def run(args: argparse.Namespace) -> int:
     from ._cli import Progress, jsonable, load_command_config, write_atomic
+    from ._resume import ChunkStore, run_chunks
 
     progress = Progress(quiet=args.quiet)
     config, out_dir = load_command_config(args)
@@ -340,40 +347,25 @@ def run(args: argparse.Namespace) -> int:
     n_chunks = -(-n // chunk)
     with progress(f"building the problem (d = {config.problem.dim})"):
         model, info = build_problem(config)
-    os.makedirs(out_dir, exist_ok=True)
-    chunk_dir = _prepare_chunks(out_dir, _fingerprint(config, axes, chunk), args.fresh, progress)
-
-    # Every grid point as flat columns (C order of the product grid).
-    mesh = np.meshgrid(*[np.asarray(v, float) for v in axes.values()], indexing="ij")
-    base = {
-        "n_source": float(info.n_source),
-        "n_target": float(info.n_target),
-        "delta": float(info.delta),
-        "empirical_risk_source": float(info.empirical_risk_source),
-        "empirical_risk_target": float(info.empirical_risk_target),
-    }
-    flat = {k: np.full(n, v) for k, v in base.items()}
-    flat.update({k: m.ravel() for k, m in zip(axes, mesh)})
-
-    done = [i for i in range(n_chunks) if os.path.exists(_chunk_path(chunk_dir, i))]
-    if done:
-        progress.info(f"resuming: {len(done)} of {n_chunks} chunks already done")
+    store = ChunkStore(
+        os.path.join(out_dir, CHUNK_DIR),
+        _fingerprint(config, axes, chunk),
+        n_chunks,
+        what="sweep",
+        fresh=args.fresh,
+        progress=progress,
+    )
+    flat = _flat_grid(axes, info, n)
     progress.info(f"grid {' × '.join(map(str, shape))} = {n} points in {n_chunks} chunk(s)")
-    for i in range(n_chunks):
-        path = _chunk_path(chunk_dir, i)
-        if os.path.exists(path):
-            continue
+
+    def compute(i: int) -> dict:
         lo, hi = i * chunk, min(n, (i + 1) * chunk)
         # Pad the last chunk (repeating its last point): one shape, one compilation.
         take = np.minimum(np.arange(lo, lo + chunk), hi - 1)
-        with progress(f"chunk {i + 1}/{n_chunks} (points {lo}–{hi - 1})"):
-            cols = _evaluate_chunk(model, {k: v[take] for k, v in flat.items()}, kind)
-            cols = {k: v[: hi - lo] for k, v in cols.items()}
-            buffer = io.BytesIO()
-            np.savez(buffer, **cols)
-            write_atomic(path, buffer.getvalue())
+        cols = _evaluate_chunk(model, {k: v[take] for k, v in flat.items()}, kind)
+        return {k: v[: hi - lo] for k, v in cols.items()}
 
-    parts = [dict(np.load(_chunk_path(chunk_dir, i))) for i in range(n_chunks)]
+    parts = run_chunks(store, compute, progress=progress)
     table = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     summary = jsonable({"config_file": config.source, **summarise(table, axes, shape, info, kind)})
     with progress("writing the table (CSV, Parquet)"):

@@ -8,7 +8,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["projection_plane", "plot_stationary_laws"]
+__all__ = [
+    "projection_plane",
+    "plot_stationary_laws",
+    "cell_edges",
+    "format_number",
+    "plot_grid_heatmap",
+    "plot_simulation",
+    "to_png",
+    "new_figure",
+]
 
 # One colour per law, in the order the laws are passed.
 _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
@@ -41,6 +50,110 @@ def projection_plane(
         "shift direction (θ*_T - θ*_S)/|θ*_T - θ*_S|",
         "top eigenvector of Σ_T∞ (⊥ shift)",
     )
+
+
+def new_figure(width: float, height: float):
+    """A Matplotlib figure on an Agg canvas (no pyplot state), constrained layout."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def to_png(fig) -> bytes:
+    """The figure as PNG bytes (110 dpi)."""
+    import warnings
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # Tiny grids can leave constrained layout no room; the figure is still fine.
+        warnings.simplefilter("ignore", UserWarning)
+        fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def format_number(x: float, *, scientific: bool | None = None) -> str:
+    """A number as a reader writes it: `10⁶` for an exact power of ten beyond 10³,
+    `3162` for an integer, `3.16×10⁻⁴` for a small or large value, else 3
+    significant digits. `scientific=True` writes every power of ten as one
+    (`10⁻³`, `3.16×10⁻³`), for the ticks of an axis that needs it somewhere."""
+    x = float(x)
+    if x == 0 or not np.isfinite(x):
+        return f"{x:g}"
+    exponent = int(np.floor(np.log10(abs(x)) + 1e-12))
+    mantissa = x / 10.0**exponent
+    power = "10" + str(exponent).translate(_SUPERSCRIPT)
+    if scientific is None:
+        scientific = abs(exponent) > 3 and not (x == round(x) and abs(x) < 1e6 and exponent > 0)
+        if abs(exponent) > 3 and np.isclose(abs(mantissa), 1, rtol=1e-9, atol=0):
+            scientific = True
+    if not scientific:
+        return str(int(round(x))) if x == round(x) and abs(x) < 1e6 else f"{x:.3g}"
+    if np.isclose(abs(mantissa), 1, rtol=1e-9, atol=0):
+        return ("-" if x < 0 else "") + power
+    return f"{mantissa:.3g}×{power}"
+
+
+def format_ticks(values: Sequence[float]) -> list[str]:
+    """`format_number` for every value of an axis, all in scientific notation when
+    one of them needs it."""
+    superscripts = set(_SUPERSCRIPT.values())
+    scientific = any(ord(c) in superscripts for v in values for c in format_number(v))
+    return [format_number(v, scientific=scientific) for v in values]
+
+
+def cell_edges(values: Sequence[float], log: bool) -> np.ndarray:
+    """The edges of cells centred on the sorted grid `values` (`n + 1` of them): the
+    midpoints between neighbours (geometric means on a log axis) and, at both ends,
+    the first and last cells as wide as their neighbours. One value gets a cell of
+    a factor 2 (log) or ±0.5 around it."""
+    v = np.asarray(values, np.float64)
+    if log:
+        return np.exp(cell_edges(np.log(v), False)) if v.size > 1 else v[[0, 0]] * [0.5, 2.0]
+    if v.size == 1:
+        return v[[0, 0]] + [-0.5, 0.5]
+    mid = 0.5 * (v[1:] + v[:-1])
+    return np.concatenate([[2 * v[0] - mid[0]], mid, [2 * v[-1] - mid[-1]]])
+
+
+def plot_grid_heatmap(
+    x: np.ndarray,
+    y: np.ndarray,
+    values: np.ndarray,
+    signs: np.ndarray,
+    *,
+    labels: tuple[str, str, str],
+    title: str,
+) -> bytes:
+    """A heatmap of `values [len(y), len(x)]` with one cell centred on each grid
+    point (log axes for positive axes spanning more than a decade), the value and
+    the sign in `signs` (`+`/`−`) written in each cell, in black or white after the
+    cell's brightness. `labels`: x, y and colour-bar labels."""
+    fig = new_figure(7.5, 5.2)
+    ax = fig.subplots()
+    log = [bool(np.all(a > 0) and a.max() / a.min() > 10) for a in (x, y)]
+    mesh = ax.pcolormesh(cell_edges(x, log[0]), cell_edges(y, log[1]), values, cmap="viridis")
+    fig.colorbar(mesh, ax=ax, label=labels[2])
+    for i in range(len(y)):
+        for j in range(len(x)):
+            r, g, b, _ = mesh.cmap(mesh.norm(values[i, j]))
+            colour = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+            text = f"{values[i, j]:.3g}\n{'+' if signs[i, j] > 0 else '−'}"
+            ax.text(x[j], y[i], text, ha="center", va="center", color=colour, fontsize=8)
+    ax.set_xscale("log" if log[0] else "linear")
+    ax.set_yscale("log" if log[1] else "linear")
+    ax.set_xticks(x, format_ticks(x))
+    ax.set_yticks(y, format_ticks(y))
+    ax.minorticks_off()
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(title, fontsize=9)
+    return to_png(fig)
 
 
 def _ellipse(mean2: np.ndarray, cov2: np.ndarray, k: float, n: int = 200) -> np.ndarray:
@@ -124,3 +237,63 @@ def plot_stationary_laws(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
+
+
+def plot_simulation(
+    arrays: dict, floor: tuple[float, float], t_pretrain: float, title: str
+) -> bytes:
+    """Three panels of a two-stage simulation against its exact laws: the mean and
+    the variance over time of the coordinates that move most (lines: exact, dots:
+    Monte Carlo) and the KL of the empirical Gaussian fit to the exact law, with
+    the value a perfect sampler shows (`floor`: mean and sd, drawn ± 2 sd).
+
+    **Arguments:** `arrays`: `ts`, `mean`, `cov`, `analytic_mean`, `analytic_cov`,
+    `kl` (as `jaxou simulate` writes them); `t_pretrain`: the end of pre-training;
+    `title`: the figure's title.
+
+    **Returns:** the PNG file's bytes.
+    """
+    from matplotlib.lines import Line2D
+
+    ts = arrays["ts"]
+    mean, am = arrays["mean"], arrays["analytic_mean"]
+    var = np.diagonal(arrays["cov"], axis1=-2, axis2=-1)
+    av = np.diagonal(arrays["analytic_cov"], axis1=-2, axis2=-1)
+    # The coordinates that move the most, so that the curves are visible.
+    coords = np.argsort(-np.ptp(am, axis=0))[:4]
+    fig = new_figure(15, 4.8)
+    axes = fig.subplots(1, 3)
+    for i, c in enumerate(coords):
+        axes[0].plot(ts, am[:, c], color=f"C{i}", lw=1, label=f"θ[{c}]")
+        axes[0].plot(ts, mean[:, c], "o", color=f"C{i}", ms=2)
+        axes[1].plot(ts, av[:, c], color=f"C{i}", lw=1, label=f"θ[{c}]")
+        axes[1].plot(ts, var[:, c], "o", color=f"C{i}", ms=2)
+    axes[1].plot(ts, av.mean(1), "k-", lw=1.5, label="average over all coordinates")
+    axes[1].plot(ts, var.mean(1), "ko", ms=2)
+    style = [
+        Line2D([], [], color="gray", lw=1, label="exact law (line)"),
+        Line2D([], [], color="gray", marker="o", ls="", ms=3, label="Monte Carlo (dots)"),
+    ]
+    for ax in axes[:2]:
+        handles, _ = ax.get_legend_handles_labels()
+        loc = "best" if ax is axes[0] else "upper right"
+        ax.legend(handles=handles + style, fontsize=7, loc=loc)
+    axes[1].set_yscale("log")
+    kl = arrays["kl"]
+    axes[2].plot(ts[1:], kl[1:], "C3.-", ms=3, lw=1, label="KL(Monte Carlo fit ‖ exact law)")
+    axes[2].axhline(floor[0], color="k", ls="--", lw=1, label="expected for a perfect sampler")
+    axes[2].axhspan(
+        floor[0] - 2 * floor[1], floor[0] + 2 * floor[1], color="gray", alpha=0.2, label="± 2 sd"
+    )
+    axes[2].legend(fontsize=7, loc="best")
+    titles = (
+        "mean of the coordinates that move most",
+        "variance (log scale)",
+        "KL of the Gaussian fit to the exact law",
+    )
+    for ax, text in zip(axes, titles):
+        ax.axvline(t_pretrain, color="gray", ls=":", lw=1)
+        ax.set_xlabel("t = lr × steps (dotted line: end of pre-training)")
+        ax.set_title(text, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    return to_png(fig)

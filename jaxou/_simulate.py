@@ -1,5 +1,5 @@
-r"""Layer 5: Monte Carlo simulation of OU ensembles through Diffrax, with streamed
-statistics, chunking, checkpoints and sharding over devices.
+r"""Layer 5: Monte Carlo simulation of OU ensembles through Diffrax: a pure compiled
+core that returns streamed statistics.
 
 Design (see also `_solvers.py`): every path of a chunk lives in one Diffrax state
 `y` of shape `[n_paths, d]`; one `diffrax.diffeqsolve` per interval between
@@ -7,6 +7,15 @@ saved times advances them all with a fixed-step Brownian path, inside a
 `jax.lax.scan` over the intervals that reduces the state to its sufficient
 statistics (count, mean, centred second moment) at each saved time. Memory is
 `O(n_paths · d + len(ts) · d²)`, independent of the number of steps.
+
+A run has three steps, each a function of this module: `plan_simulation`
+(validation, the schedule of intervals and steps, host-side precomputation, the
+layout in chunks and devices; no device work), `run_chunk` (one chunk of paths as
+one compiled program, returning its statistics) and `merge_chunks` (the exact
+merge of the chunks' statistics into a `Simulation`). `simulate` is those three
+steps in a loop; the command line drives the same steps itself so that it can save
+each finished chunk (`jaxou._resume`). Nothing here touches files, prints, or keeps
+state between calls; progress goes through a Diffrax progress meter.
 
 Randomness: paths are grouped in blocks of `BLOCK` (= 256) consecutive paths;
 block `b` draws everything (its initial state, its Brownian increments for each
@@ -34,13 +43,7 @@ paths to every host and is meant for small runs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import sys
-import tempfile
-import time
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -67,15 +70,25 @@ from ._solvers import (
     exact_step_matrices,
     noise_eigenbasis,
     paired_normals,
+    psd_sqrt,
 )
 from ._stats import Moments, block_moments, merge_host
 
-__all__ = ["Simulation", "simulate", "analytic_marginals", "monte_carlo_check"]
+__all__ = [
+    "Simulation",
+    "SimulationPlan",
+    "ChunkResult",
+    "simulate",
+    "plan_simulation",
+    "run_chunk",
+    "merge_chunks",
+]
 
 BLOCK = 256
 """Paths per random-number block (the unit of chunking and sharding)."""
 
-METHODS = ("euler", "exact", "heun", "milstein", "shark", "sra1", "sea")
+BROWNIAN_PATHS = (CounterBrownianPath, diffrax.UnsafeBrownianPath, diffrax.VirtualBrownianTree)
+"""The values `brownian=` takes: the class of Brownian path to build per block."""
 
 Model = OUProcess | SGDStage | TwoStage
 
@@ -88,6 +101,9 @@ class Simulation(eqx.Module):
     - `cov`: the sample covariance (unbiased, divisor `n_paths - 1`), `[s, d, d]`.
     - `paths`: `[n_paths, s, d]` when `keep_paths=True`, else `None`.
     - `n_paths`: the number of paths.
+
+    Compare with the exact laws through [`jaxou.analytic_marginals`][]:
+    `sim.kl_to(jaxou.analytic_marginals(model, sim.ts))`.
     """
 
     ts: Float[Array, " s"]
@@ -97,31 +113,30 @@ class Simulation(eqx.Module):
     n_paths: int = eqx.field(static=True)
 
     def gaussian(self) -> Gaussian:
-        """The Gaussian fit $N(\\hat\\mu_t, \\hat\\Sigma_t)$ at each saved time (batch `[s]`)."""
+        r"""The Gaussian fit $N(\hat\mu_t, \hat\Sigma_t)$ at each saved time (batch `[s]`)."""
         return Gaussian(self.mean, self.cov)
 
-    def kl_to(self, laws: Gaussian | Model, *, initial=None) -> Float[Array, " s"]:
+    def kl_to(self, laws: Gaussian) -> Float[Array, " s"]:
         r"""$\mathrm{KL}(N(\hat\mu_t,\hat\Sigma_t)\,\|\,\text{law}_t)$ at each saved time.
 
-        `laws` is a [`jaxou.Gaussian`][] (batch `[s]`, or one law for all times) or
-        the simulated model, in which case the analytic marginals at `ts` are used
-        (pass `initial` for an `OUProcess`/`SGDStage`). With $n$ paths in $d$
-        dimensions, the KL of a perfect sampler is about $(d + d(d+1)/2)/(2n)$
-        (the bias of the fit), so compare against that floor, not zero.
+        `laws`: a [`jaxou.Gaussian`][] with batch `[s]` (one law per saved time, e.g.
+        [`jaxou.analytic_marginals`][]) or one law for all times. With $n$ paths in $d$
+        dimensions a perfect sampler shows a KL of about $(d + d(d+1)/2)/(2n)$ (the
+        bias of the fit; exactly [`jaxou.kl_fit_floor`][]), so compare against that
+        floor, not zero.
         """
-        if not isinstance(laws, Gaussian):
-            laws = analytic_marginals(laws, self.ts, initial=initial)
-        return kl(self.gaussian(), laws)
+        return kl(self.gaussian(), _as_laws(laws, "kl_to"))
 
-    def z_scores(self, laws: Gaussian | Model, *, initial=None) -> tuple[Array, Array]:
-        r"""Deviations of the sample moments from `laws` in standard errors:
-        mean entries $(\hat\mu_i - \mu_i)/\sqrt{\Sigma_{ii}/n}$ and covariance
+    def z_scores(self, laws: Gaussian) -> tuple[Float[Array, "s d"], Float[Array, "s d d"]]:
+        r"""Deviations of the sample moments from `laws` (as in `kl_to`) in standard
+        errors: mean entries $(\hat\mu_i - \mu_i)/\sqrt{\Sigma_{ii}/n}$ and covariance
         entries $(\hat\Sigma_{ij} - \Sigma_{ij})/\sqrt{(\Sigma_{ii}\Sigma_{jj} +
         \Sigma_{ij}^2)/(n-1)}$ (the normal-theory variance of a sample covariance).
-        Entries with zero variance in the law (a point mass) give 0. Returns
-        `(z_mean [s, d], z_cov [s, d, d])`."""
-        if not isinstance(laws, Gaussian):
-            laws = analytic_marginals(laws, self.ts, initial=initial)
+        Entries with zero variance in the law (a point mass) give 0.
+
+        **Returns:** `(z_mean [s, d], z_cov [s, d, d])`.
+        """
+        laws = _as_laws(laws, "z_scores")
         n = self.n_paths
         var = jnp.diagonal(laws.cov, axis1=-2, axis2=-1)
         se_mean = jnp.sqrt(var / n)
@@ -131,12 +146,90 @@ class Simulation(eqx.Module):
         return z_mean, z_cov
 
 
+def _as_laws(laws, where: str) -> Gaussian:
+    if not isinstance(laws, Gaussian):
+        raise TypeError(
+            f"Simulation.{where}: laws must be a jaxou.Gaussian, got {type(laws).__name__}; "
+            f"for a model use sim.{where}(jaxou.analytic_marginals(model, sim.ts))"
+        )
+    return laws
+
+
 def _nz(x):
     return jnp.where(x > 0, x, 1)
 
 
 # ---------------------------------------------------------------------------
-# Analytic marginals of the three model kinds at a batch of times.
+# Checks that need no device work.
+
+
+def _as_key(key) -> PRNGKeyArray:
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"simulate: key must be a single PRNG key, got shape {key.shape}")
+        return key
+    key = jnp.asarray(key)
+    if key.dtype != jnp.uint32 or key.shape != (2,):
+        raise TypeError("simulate: key must be a jax.random.key(...) or a raw uint32[2] key")
+    return jax.random.wrap_key_data(key)
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"simulate: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"simulate: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_solver(solver) -> None:
+    if isinstance(solver, type) and issubclass(solver, diffrax.AbstractSolver):
+        raise TypeError(f"simulate: solver must be an instance: pass {solver.__name__}()")
+    if not isinstance(solver, diffrax.AbstractSolver):
+        raise TypeError(
+            "simulate: solver must be a diffrax.AbstractSolver instance, such as "
+            "jaxou.FusedEuler(), jaxou.ExactOU() or diffrax.ShARK(); got "
+            f"{solver!r}"
+        )
+    if isinstance(solver, ExactOU) and solver.flow is not None:
+        raise ValueError(
+            "simulate: pass solver=jaxou.ExactOU() without matrices; simulate computes "
+            "the transition of each interval itself"
+        )
+
+
+def _check_dt(dt, solver) -> float | None:
+    if dt is None:
+        if not isinstance(solver, ExactOU):
+            raise ValueError(f"simulate: dt is required for solver {type(solver).__name__}")
+        return None
+    try:
+        dt = float(dt)
+    except TypeError:
+        raise TypeError("simulate: dt must be a concrete float") from None
+    if not (dt > 0 and math.isfinite(dt)):
+        raise ValueError(f"simulate: dt must be > 0 and finite, got {dt}")
+    return dt
+
+
+def _check_brownian(brownian, controller, solver) -> tuple[type, Any]:
+    """The Brownian path class and the step-size controller, defaults filled in."""
+    if controller is None:
+        controller = diffrax.ConstantStepSize()
+    adaptive = not isinstance(controller, diffrax.ConstantStepSize)
+    if brownian is None:
+        brownian = diffrax.VirtualBrownianTree if adaptive else CounterBrownianPath
+    if not any(brownian is b for b in BROWNIAN_PATHS):
+        raise TypeError(
+            "simulate: brownian must be one of the classes jaxou.CounterBrownianPath, "
+            f"diffrax.UnsafeBrownianPath, diffrax.VirtualBrownianTree; got {brownian!r}"
+        )
+    if adaptive and (brownian is not diffrax.VirtualBrownianTree or isinstance(solver, ExactOU)):
+        raise ValueError(
+            "simulate: an adaptive stepsize_controller needs "
+            "brownian=diffrax.VirtualBrownianTree and a numerical solver (not ExactOU)"
+        )
+    return brownian, controller
 
 
 def _stage_list(model: Model, t1, initial):
@@ -186,28 +279,30 @@ def _stage_list(model: Model, t1, initial):
     return [(process, 0.0, t1)], initial, t1
 
 
-def analytic_marginals(model: Model, ts: Float[ArrayLike, " s"], *, initial=None) -> Gaussian:
-    """The exact law at each time of `ts` (batch `[s]`): `process.marginal` for an
-    `OUProcess`/`SGDStage` started at `initial`; for a `TwoStage`, the pre-training
-    marginal up to `t_pretrain` (included) and the fine-tuning marginal, from the
-    pre-trained law, after it."""
+def _saved_times(ts, t_end: float) -> np.ndarray:
+    if ts is None:
+        return np.array([t_end])
     ts = np.asarray(ts, np.float64).reshape(-1)
-    if isinstance(model, TwoStage):
-        return model.marginal(ts)
-    else:
-        proc = model.process if isinstance(model, SGDStage) else model
-        if initial is None:
-            raise ValueError("analytic_marginals: initial is required for an OUProcess/SGDStage")
-        laws = [proc.marginal(initial, t) for t in ts]
-    return Gaussian(jnp.stack([g.mean for g in laws]), jnp.stack([g.cov for g in laws]))
+    if ts.size == 0:
+        raise ValueError("simulate: ts must hold at least one time")
+    if not np.all(np.isfinite(ts)):
+        raise ValueError("simulate: ts must be finite")
+    if np.any(ts < 0) or np.any(ts > t_end * (1 + 1e-12)):
+        raise ValueError(
+            f"simulate: ts must lie in [0, {t_end:g}] (the end time), got "
+            f"[{ts.min():g}, {ts.max():g}]"
+        )
+    if np.any(np.diff(ts) <= 0):
+        raise ValueError("simulate: ts must be strictly increasing (sorted, no repeats)")
+    return np.minimum(ts, t_end)
 
 
 # ---------------------------------------------------------------------------
-# Planning: intervals between saved times, step counts, validation.
+# The schedule: intervals between saved times and their step counts.
 
 
-class _Plan(NamedTuple):
-    """One run's schedule. The static part (`save_zero`, `saved`: which interval
+class _Schedule(NamedTuple):
+    """One run's intervals. The static part (`save_zero`, `saved`: which interval
     ends are saved) keys the compiled program; the times and step counts (`grid`)
     are traced inputs, so another `dt` or other times of the same count reuse it."""
 
@@ -218,34 +313,26 @@ class _Plan(NamedTuple):
     total_steps: int
 
 
-def _plan(stages, t_end: float, ts, dt: float, method: str, max_steps: int) -> _Plan:
-    if ts is None:
-        ts_arr = np.array([t_end])
-    else:
-        ts_arr = np.asarray(ts, np.float64).reshape(-1)
-        if ts_arr.size == 0:
-            raise ValueError("simulate: ts must hold at least one time")
-        if not np.all(np.isfinite(ts_arr)):
-            raise ValueError("simulate: ts must be finite")
-        if np.any(ts_arr < 0) or np.any(ts_arr > t_end * (1 + 1e-12)):
-            raise ValueError(
-                f"simulate: ts must lie in [0, {t_end:g}] (the end time), got "
-                f"[{ts_arr.min():g}, {ts_arr.max():g}]"
-            )
-        if np.any(np.diff(ts_arr) <= 0):
-            raise ValueError("simulate: ts must be strictly increasing (sorted, no repeats)")
-        ts_arr = np.minimum(ts_arr, t_end)
-    save_zero = bool(ts_arr[0] == 0.0)
+def _tree_tolerance(length: float, dt: float) -> float:
+    # A dyadic fraction of the stage, <= dt/8, so that halving dt refines the same
+    # Brownian tree (nested step sizes share one path).
+    length = max(length, np.finfo(np.float64).tiny)
+    return length / 2.0 ** max(0, math.ceil(math.log2(8 * length / dt)))
+
+
+def _schedule(stages, ts: np.ndarray, dt: float | None, max_steps: int) -> _Schedule:
+    """Cut each stage at the saved times inside it; each interval gets equal steps of
+    at most `dt` (one exact jump when `dt` is None)."""
     rows, saved, bounds, tols, total = [], [], [], [], 0
     for s, (_, start, end) in enumerate(stages):
         # A saved time exactly at a stage boundary belongs to the earlier stage.
-        inside = [float(t) for t in ts_arr if start < t <= end]
+        inside = [float(t) for t in ts if start < t <= end]
         ends = inside if inside and inside[-1] == end else inside + [end]
         prev = start
         for t in ends:
             if t == prev:
                 n = 0
-            elif method == "exact":
+            elif dt is None:
                 n = 1
             else:
                 n = max(1, math.ceil((t - prev) / dt * (1 - 1e-12)))
@@ -254,11 +341,8 @@ def _plan(stages, t_end: float, ts, dt: float, method: str, max_steps: int) -> _
             rows.append((s, prev, t, n))
             total += n
             prev = t
-        # Brownian-tree tolerance: a dyadic fraction of the stage, <= dt/8, so that
-        # halving dt refines the same tree (nested step sizes share one path).
-        length = max(end - start, np.finfo(np.float64).tiny)
         bounds.append((start, end))
-        tols.append(length / 2.0 ** max(0, math.ceil(math.log2(8 * length / dt))))
+        tols.append(_tree_tolerance(end - start, end - start if dt is None else dt))
     if total > max_steps:
         raise ValueError(
             f"simulate: {total} steps of dt={dt:g} exceed max_steps={max_steps}; raise "
@@ -273,50 +357,17 @@ def _plan(stages, t_end: float, ts, dt: float, method: str, max_steps: int) -> _
         bounds=np.asarray(bounds),
         tol=np.asarray(tols),
     )
-    return _Plan(ts_arr, save_zero, tuple(saved), grid, total)
+    return _Schedule(ts, bool(ts[0] == 0.0), tuple(saved), grid, total)
 
 
 # ---------------------------------------------------------------------------
 # The compiled chunk.
 
 
-def _solver_for(method):
-    if isinstance(method, diffrax.AbstractSolver):
-        return method
-    return {
-        "euler": FusedEuler(),
-        # With additive noise the Milstein correction g'g vanishes: Milstein is
-        # Euler–Maruyama exactly.
-        "milstein": FusedEuler(),
-        "heun": diffrax.Heun(),
-        "shark": diffrax.ShARK(),
-        "sra1": diffrax.SRA1(),
-        "sea": diffrax.SEA(),
-    }[method]
-
-
 def _levy_area(solver) -> type:
     if isinstance(solver, diffrax.AbstractSRK):
         return solver.minimal_levy_area
     return diffrax.BrownianIncrement
-
-
-def _brownian(keys, kind, levy, shape, dtype, start, end, tol):
-    struct = jax.ShapeDtypeStruct(shape, dtype)
-    levy = _concrete_levy(levy)
-    if kind == "fast":
-        return CounterBrownianPath(_key_words(keys), shape, jnp.dtype(dtype), levy)
-    if kind == "diffrax":
-        make = lambda k: diffrax.UnsafeBrownianPath(struct, k, levy_area=levy)
-    else:
-        make = lambda k: diffrax.VirtualBrownianTree(start, end, tol, struct, k, levy_area=levy)
-    return BlockBrownianPath.build(make, keys, levy, start, end)
-
-
-def _key_words(keys) -> Array:
-    """The first two uint32 words of each key of a batch, `[n, 2]`."""
-    words = jax.vmap(jax.random.key_data)(keys).reshape(keys.shape[0], -1)[:, :2]
-    return words.astype(jnp.uint32)
 
 
 def _concrete_levy(levy):
@@ -328,16 +379,126 @@ def _concrete_levy(levy):
     return diffrax.BrownianIncrement
 
 
-_last_report = [0.0]
+def _key_words(keys) -> Array:
+    """The first two uint32 words of each key of a batch, `[n, 2]`."""
+    words = jax.vmap(jax.random.key_data)(keys).reshape(keys.shape[0], -1)[:, :2]
+    return words.astype(jnp.uint32)
 
 
-def _report_interval(i, n_int, _) -> None:
-    # Progress inside a chunk (host callback after each interval), at most 1 line/s.
-    now = time.perf_counter()
-    i = int(i)
-    if now - _last_report[0] >= 1.0 or i + 1 == int(n_int):
-        _last_report[0] = now
-        print(f"jaxou.simulate:   interval {i + 1}/{int(n_int)}", file=sys.stderr, flush=True)
+def _brownian(keys, kind, levy, shape, dtype, start, end, tol):
+    """One Brownian path of class `kind` over `[n_blocks * shape[0], shape[1]]`."""
+    levy = _concrete_levy(levy)
+    if kind is CounterBrownianPath:
+        return CounterBrownianPath(_key_words(keys), shape, jnp.dtype(dtype), levy)
+    struct = jax.ShapeDtypeStruct(shape, dtype)
+    if kind is diffrax.UnsafeBrownianPath:
+        make = lambda k: diffrax.UnsafeBrownianPath(struct, k, levy_area=levy)
+    else:
+        make = lambda k: diffrax.VirtualBrownianTree(start, end, tol, struct, k, levy_area=levy)
+    return BlockBrownianPath.build(make, keys, levy, start, end)
+
+
+def _initial_states(initial: Gaussian, block_keys, sharding) -> Array:
+    """`[n_blocks * BLOCK, d]` draws from `initial`, block `b` from `fold_in(key_b, 0)`
+    through the counter generator (one small compiled loop, where
+    `jax.random.normal` over a batch of keys would add its own)."""
+    dtype, d = initial.mean.dtype, initial.dim
+    words = _key_words(jax.vmap(lambda k: jax.random.fold_in(k, 0))(block_keys))
+    zc = paired_normals(words[:, 0], words[:, 1], (BLOCK // 2, d), dtype)
+    z = jnp.concatenate([jnp.real(zc), jnp.imag(zc)], axis=1)  # [n_blocks, BLOCK, d]
+    y = (initial.mean + z @ psd_sqrt(initial.cov).T).reshape(-1, d)
+    if sharding is not None:
+        y = jax.lax.with_sharding_constraint(y, sharding)
+    return y
+
+
+class _Advance(eqx.Module):
+    """Advance every path of a chunk over one interval between saved times; built
+    inside the compiled chunk. All intervals of all stages run in one scan, so that
+    one `diffeqsolve` is compiled (a TwoStage would otherwise compile two); each
+    interval selects its stage from the stacked processes."""
+
+    stacked: OUProcess  # the stages' processes, stacked on a leading axis
+    stage_keys: Array  # [stages, n_blocks] keys
+    bounds: Array  # [stages, 2]
+    tols: Array  # [stages]
+    euler_basis: tuple[Array, Array, Array] | None
+    solver: Any = eqx.field(static=True)
+    brownian: type = eqx.field(static=True)
+    controller: Any = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+
+    def __call__(self, y, s, ta, tb, k, flow, root):
+        proc = jax.tree.map(lambda leaf: leaf[s], self.stacked)
+        h = (tb - ta) / k
+        if self.euler_basis is not None:
+            return self._eigen(y, s, proc, ta, tb, h)
+        m = proc.dim if isinstance(self.solver, ExactOU) else proc.diffusion.shape[1]
+        shape, dtype = (BLOCK, m), y.dtype
+        start, end = self.bounds[s, 0], self.bounds[s, 1]
+        levy = _levy_area(self.solver)
+        keys, tol = self.stage_keys[s], self.tols[s]
+        bm = _brownian(keys, self.brownian, levy, shape, dtype, start, end, tol)
+        terms = diffrax.MultiTerm(
+            diffrax.ODETerm(proc.drift_field), PathsControlTerm(proc.diffusion_field, bm)
+        )
+        if isinstance(self.solver, ExactOU):
+            # One jump per interval: the solver's step itself, without diffeqsolve's
+            # loop around it (a loop of one step; leaving it out makes the compiled
+            # program smaller and quicker to build).
+            return ExactOU(flow, root, h).step(terms, ta, tb, y, None, None, False)[0]
+        return self._solve(terms, ta, tb, h, y)
+
+    def _solve(self, terms, ta, tb, h, y):
+        sol = diffrax.diffeqsolve(
+            terms,
+            self.solver,
+            ta,
+            tb,
+            h,
+            y,
+            saveat=diffrax.SaveAt(t1=True),
+            stepsize_controller=self.controller,
+            adjoint=diffrax.ForwardMode(),
+            max_steps=self.max_steps,
+        )
+        return sol.ys[0]
+
+    def _eigen(self, y, s, proc, ta, tb, h):
+        # Euler in the noise eigenbasis on a paired state (see `_solvers.EigenDrift`):
+        # u = Pᵀ(y - μ), rows r and r + BLOCK/2 of each block as one complex row.
+        P, B, sigma = (x[s] for x in self.euler_basis)
+        n, d = y.shape
+        n_blocks, half = n // BLOCK, BLOCK // 2
+        u = ((y - proc.mean) @ P).reshape(n_blocks, 2, half, d)
+        u = jax.lax.complex(u[:, 0], u[:, 1])  # [n_blocks, half, d]
+        words = _key_words(self.stage_keys[s])
+        levy = diffrax.BrownianIncrement
+        bm = CounterBrownianPath(words, (BLOCK, d), jnp.dtype(y.dtype), levy, paired=True)
+        terms = diffrax.MultiTerm(diffrax.ODETerm(EigenDrift(B)), DiagonalNoiseTerm(sigma, bm))
+        with warnings.catch_warnings():
+            # Diffrax warns about complex states in general; here only our own solver
+            # (real-linear: y + h f + noise) and Diffrax's linear bookkeeping touch it,
+            # and the paired layout is checked against the Euler chain's exact law.
+            warnings.filterwarnings("ignore", message="Complex dtype support in Diffrax")
+            u = self._solve(terms, ta, tb, h, u)
+        u = jnp.concatenate([jnp.real(u), jnp.imag(u)], axis=1).reshape(n, d)
+        return proc.mean + u @ P.T
+
+
+def _saved_outputs(st, ys, y0, stats, schedule_static, keep_paths):
+    """Pick the saved times out of the interval ends (and t = 0 when saved)."""
+    save_zero, saved = schedule_static
+    index = jnp.asarray(saved, jnp.int32)
+    moments = jax.tree.map(lambda x: x[index], st)
+    paths = ys[index] if keep_paths else None
+    if save_zero:
+        moments = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), stats(y0), moments)
+        if keep_paths:
+            paths = jnp.concatenate([y0[None], paths])
+    if keep_paths:
+        paths = jnp.swapaxes(paths, 0, 1)  # [n, s, d]
+    return moments, paths
 
 
 @eqx.filter_jit
@@ -351,143 +512,58 @@ def _run_chunk(
     *,
     save_zero: bool,
     saved: tuple[int, ...],
-    method: Any,
+    solver: diffrax.AbstractSolver,
     n_blocks: int,
-    brownian: str,
+    brownian: type,
     controller: Any,
     keep_paths: bool,
     sharding: Any,
     max_steps: int,
-    exact_steps: tuple[Array, Array] | None = None,
-    euler_basis: tuple[Array, Array, Array] | None = None,
-    progress: bool = False,
+    exact_steps: tuple[Array, Array] | None,
+    euler_basis: tuple[Array, Array, Array] | None,
+    progress_meter: diffrax.AbstractProgressMeter,
 ):
-    dtype = initial.mean.dtype
     d = initial.dim
-    n = n_blocks * BLOCK
     block_ids = first_block + jnp.arange(n_blocks)
     block_keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(block_ids)
     if sharding is not None:
         block_keys = jax.lax.with_sharding_constraint(block_keys, sharding)
-    index = block_ids[:, None] * BLOCK + jnp.arange(BLOCK)[None, :]
-    mask = index < n_valid  # [n_blocks, BLOCK]
-
-    # Initial states, drawn per block (chunk-independent).
-    lam, V = jnp.linalg.eigh(initial.cov)
-    root = V * jnp.sqrt(jnp.clip(lam, 0))[None, :]
-    # The counter generator of the Brownian paths (one small compiled loop, where
-    # `jax.random.normal` over a batch of keys would add its own).
-    words = _key_words(jax.vmap(lambda k: jax.random.fold_in(k, 0))(block_keys))
-    zc = paired_normals(words[:, 0], words[:, 1], (BLOCK // 2, d), dtype)
-    z = jnp.concatenate([jnp.real(zc), jnp.imag(zc)], axis=1)  # [n_blocks, BLOCK, d]
-    y = (initial.mean + z @ root.T).reshape(n, d)
-    if sharding is not None:
-        y = jax.lax.with_sharding_constraint(y, sharding)
-    y0 = y
-
-    def stats(y):
-        return block_moments(y.reshape(n_blocks, BLOCK, d), mask)
-
-    # All intervals of all stages in one scan, so that one diffeqsolve is compiled
-    # (a TwoStage would otherwise compile two); each interval selects its stage.
-    n_stages = len(processes)
-    stacked = jax.tree.map(lambda *x: jnp.stack(x), *processes)
+    mask = block_ids[:, None] * BLOCK + jnp.arange(BLOCK)[None, :] < n_valid
+    y0 = _initial_states(initial, block_keys, sharding)
+    stats = lambda y: block_moments(y.reshape(n_blocks, BLOCK, d), mask)
+    dtype = initial.mean.dtype
     stage_keys = jnp.stack(
-        [jax.vmap(lambda k, s=s: jax.random.fold_in(k, 1 + s))(block_keys) for s in range(n_stages)]
+        [
+            jax.vmap(lambda k, s=s: jax.random.fold_in(k, 1 + s))(block_keys)
+            for s in range(len(processes))
+        ]
     )
-    stage_of = grid["stage"]
+    advance = _Advance(
+        jax.tree.map(lambda *x: jnp.stack(x), *processes),
+        stage_keys,
+        grid["bounds"].astype(dtype),
+        grid["tol"].astype(dtype),
+        euler_basis,
+        solver,
+        brownian,
+        controller,
+        max_steps,
+    )
+    n_int = grid["stage"].shape[0]
+    flows, roots = exact_steps if exact_steps is not None else (jnp.zeros((n_int, 0), dtype),) * 2
+
+    def body(carry, x):
+        y, meter = carry
+        i, skip, interval = x[0], x[1], x[2:]
+        y = jax.lax.cond(skip, lambda y: y, lambda y: advance(y, *interval), y)
+        meter = progress_meter.step(meter, (i + 1) / n_int)
+        return (y, meter), (stats(y), y if keep_paths else None)
+
     t_a, t_b, steps = (grid[k].astype(dtype) for k in ("t_a", "t_b", "steps"))
-    empty = grid["empty"]
-    bounds, tols = grid["bounds"].astype(dtype), grid["tol"].astype(dtype)
-    n_int = stage_of.shape[0]
-    if method == "exact":
-        # One exact jump per interval, with the step matrices computed on the host.
-        m = d
-        solver = None
-        levy = diffrax.BrownianIncrement
-        flows, roots = exact_steps
-    else:
-        m = processes[0].diffusion.shape[1]
-        solver = _solver_for(method)
-        levy = _levy_area(solver)
-        flows = roots = jnp.zeros((n_int, 0), dtype)
-
-    def solve_with(terms, step_solver, ta, tb, h, y):
-        sol = diffrax.diffeqsolve(
-            terms,
-            step_solver,
-            ta,
-            tb,
-            h,
-            y,
-            saveat=diffrax.SaveAt(t1=True),
-            stepsize_controller=controller,
-            adjoint=diffrax.ForwardMode(),
-            max_steps=max_steps,
-        )
-        return sol.ys[0]
-
-    def solve_eigen(y, s, proc, ta, tb, h):
-        # Euler in the noise eigenbasis on a paired state (see `_solvers.EigenDrift`):
-        # u = Pᵀ(y - μ), rows r and r + BLOCK/2 of each block as one complex row.
-        P, B, sigma = (x[s] for x in euler_basis)
-        half = BLOCK // 2
-        u = ((y - proc.mean) @ P).reshape(n_blocks, 2, half, d)
-        u = jax.lax.complex(u[:, 0], u[:, 1])  # [n_blocks, half, d]
-        bm = CounterBrownianPath(
-            _key_words(stage_keys[s]), (BLOCK, d), jnp.dtype(dtype), levy, paired=True
-        )
-        terms = diffrax.MultiTerm(diffrax.ODETerm(EigenDrift(B)), DiagonalNoiseTerm(sigma, bm))
-        with warnings.catch_warnings():
-            # Diffrax warns about complex states in general; here only our own solver
-            # (real-linear: y + h f + noise) and Diffrax's linear bookkeeping touch it,
-            # and the paired layout is checked against the Euler chain's exact law.
-            warnings.filterwarnings("ignore", message="Complex dtype support in Diffrax")
-            u = solve_with(terms, solver, ta, tb, h, u)
-        u = jnp.concatenate([jnp.real(u), jnp.imag(u)], axis=1).reshape(n, d)
-        return proc.mean + u @ P.T
-
-    def body(y, x):
-        i, s, ta, tb, k, skip, flow, root = x
-        proc = jax.tree.map(lambda leaf: leaf[s], stacked)
-        h = (tb - ta) / k
-        if euler_basis is not None:
-            solve = lambda y: solve_eigen(y, s, proc, ta, tb, h)
-        else:
-            start, end = bounds[s, 0], bounds[s, 1]
-            bm = _brownian(stage_keys[s], brownian, levy, (BLOCK, m), dtype, start, end, tols[s])
-            terms = diffrax.MultiTerm(
-                diffrax.ODETerm(proc.drift_field), PathsControlTerm(proc.diffusion_field, bm)
-            )
-            if method == "exact":
-                # One jump per interval: the solver's step itself, without
-                # diffeqsolve's loop around it (a loop of one step; leaving it out
-                # makes the compiled program smaller and quicker to build).
-                exact = ExactOU(proc.mean, flow, root, h)
-                solve = lambda y: exact.step(terms, ta, tb, y, None, None, False)[0]
-            else:
-                solve = lambda y: solve_with(terms, solver, ta, tb, h, y)
-        y = jax.lax.cond(skip, lambda y: y, solve, y)
-        if progress:
-            jax.debug.callback(_report_interval, i, n_int, y[0, 0])
-        return y, (stats(y), y if keep_paths else None)
-
-    _, (st, ys) = jax.lax.scan(
-        body, y0, (jnp.arange(n_int), stage_of, t_a, t_b, steps, empty, flows, roots)
-    )
-
-    # Pick the saved times out of the interval ends.
-    index = list(saved)
-    moments = jax.tree.map(lambda x: x[jnp.asarray(index, jnp.int32)], st)
-    paths = ys[jnp.asarray(index, jnp.int32)] if keep_paths else None
-    if save_zero:
-        m0 = stats(y0)
-        moments = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), m0, moments)
-        if keep_paths:
-            paths = jnp.concatenate([y0[None], paths])
-    if keep_paths:
-        paths = jnp.swapaxes(paths, 0, 1)  # [n, s, d]
-    return moments, paths
+    xs = (jnp.arange(n_int), grid["empty"], grid["stage"], t_a, t_b, steps, flows, roots)
+    (_, meter), (st, ys) = jax.lax.scan(body, (y0, progress_meter.init()), xs)
+    progress_meter.close(meter)
+    return _saved_outputs(st, ys, y0, stats, (save_zero, saved), keep_paths)
 
 
 # ---------------------------------------------------------------------------
@@ -497,11 +573,15 @@ def _run_chunk(
 _exact_step_matrices = eqx.filter_jit(exact_step_matrices)
 
 
-def _exact_steps(processes, plan: _Plan, symmetric) -> tuple[Array, Array]:
+def _exact_steps(processes, schedule: _Schedule) -> tuple[Array, Array]:
     """`(flows, roots)`, `[n_intervals, d, d]`: the exact transition of each
     interval between saved times (one jump each), computed once per distinct
     (stage, length) by a small compiled function."""
-    grid = plan.grid
+    symmetric = [
+        bool(np.allclose(np.asarray(p.drift), np.asarray(p.drift).T, rtol=0, atol=0))
+        for p in processes
+    ]
+    grid = schedule.grid
     cache: dict = {}
     flows, roots = [], []
     for s, ta, tb, empty in zip(grid["stage"], grid["t_a"], grid["t_b"], grid["empty"]):
@@ -533,43 +613,168 @@ def _euler_basis(processes, dtype) -> tuple[Array, Array, Array]:
     return tuple(jnp.asarray(x, dtype) for x in (Ps, Bs, sig))
 
 
+def _layout(n_paths: int, d: int, chunk_size: int | None, devices) -> tuple[int, int, Any]:
+    """`(blocks per chunk, number of chunks, sharding)`: chunks of whole blocks, a
+    multiple of the number of devices, about 2^24/d paths each by default."""
+    devices = list(jax.devices() if devices is None else devices)
+    sharding = None
+    if len(devices) > 1:
+        sharding = NamedSharding(Mesh(np.array(devices), ("paths",)), PartitionSpec("paths"))
+    total_blocks = -(-n_paths // BLOCK)
+    if chunk_size is None:
+        chunk_size = max(BLOCK, (1 << 24) // max(d, 1))
+    per_chunk = -(-min(chunk_size, total_blocks * BLOCK) // BLOCK)
+    per_chunk = -(-per_chunk // len(devices)) * len(devices)
+    return per_chunk, -(-total_blocks // per_chunk), sharding
+
+
 # ---------------------------------------------------------------------------
-# The driver: validation, chunks, checkpoints, devices, progress.
+# The three steps of a run: plan, chunks, merge.
 
 
-def _as_key(key) -> PRNGKeyArray:
-    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"simulate: key must be a single PRNG key, got shape {key.shape}")
-        return key
-    key = jnp.asarray(key)
-    if key.dtype != jnp.uint32 or key.shape != (2,):
-        raise TypeError("simulate: key must be a jax.random.key(...) or a raw uint32[2] key")
-    return jax.random.wrap_key_data(key)
+class SimulationPlan(eqx.Module):
+    """Everything a run needs, checked and precomputed on the host; chunk `i` runs
+    with `run_chunk(plan, i)`. Built by `plan_simulation`."""
+
+    processes: list[OUProcess]
+    initial: Gaussian
+    key: PRNGKeyArray
+    schedule: _Schedule
+    n_paths: int
+    blocks_per_chunk: int
+    n_chunks: int
+    solver: diffrax.AbstractSolver
+    brownian: type
+    controller: Any
+    keep_paths: bool
+    max_steps: int
+    sharding: Any
+    exact_steps: tuple[Array, Array] | None
+    euler_basis: tuple[Array, Array, Array] | None
 
 
-def _fingerprint(parts) -> str:
-    h = hashlib.sha256()
-    for p in jax.tree.leaves(parts):
-        a = np.asarray(p)
-        h.update(str(a.dtype).encode() + str(a.shape).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
+class ChunkResult(NamedTuple):
+    """One chunk's statistics (float64, on the host) and, with `keep_paths`, its
+    paths `[n, s, d]`."""
+
+    moments: Moments
+    paths: np.ndarray | None
 
 
-def _save_atomic(path: str, **arrays) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: a chunk file is complete or absent
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def plan_simulation(
+    model: Model,
+    key: PRNGKeyArray,
+    *,
+    n_paths: int,
+    dt: float | None = None,
+    t1: float | None = None,
+    initial: Gaussian | Float[ArrayLike, " d"] | None = None,
+    solver: diffrax.AbstractSolver = FusedEuler(),
+    ts: Sequence[float] | Float[ArrayLike, " s"] | None = None,
+    keep_paths: bool = False,
+    chunk_size: int | None = None,
+    max_steps: int = 10**7,
+    brownian: type | None = None,
+    stepsize_controller: diffrax.AbstractStepSizeController | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> SimulationPlan:
+    """Check the arguments of [`jaxou.simulate`][] (the same ones, less
+    `progress_meter`) and plan the run; no device work beyond the small host-side
+    precomputations (exact transitions, noise eigenbases)."""
+    n_paths = _positive_int("n_paths", n_paths, 2)
+    max_steps = _positive_int("max_steps", max_steps)
+    if chunk_size is not None:
+        chunk_size = _positive_int("chunk_size", chunk_size)
+    _check_solver(solver)
+    dt = _check_dt(dt, solver)
+    brownian, controller = _check_brownian(brownian, stepsize_controller, solver)
+    key = _as_key(key)
+    stages, init_law, t_end = _stage_list(model, t1, initial)
+    exact = isinstance(solver, ExactOU)
+    schedule = _schedule(stages, _saved_times(ts, t_end), None if exact else dt, max_steps)
+    processes = [p for p, _, _ in stages]
+    fast_euler = isinstance(solver, FusedEuler) and brownian is CounterBrownianPath
+    per_chunk, n_chunks, sharding = _layout(n_paths, init_law.dim, chunk_size, devices)
+    return SimulationPlan(
+        processes=processes,
+        initial=init_law,
+        key=key,
+        schedule=schedule,
+        n_paths=n_paths,
+        blocks_per_chunk=per_chunk,
+        n_chunks=n_chunks,
+        solver=solver,
+        brownian=brownian,
+        controller=controller,
+        keep_paths=bool(keep_paths),
+        max_steps=max_steps,
+        sharding=sharding,
+        exact_steps=_exact_steps(processes, schedule) if exact else None,
+        euler_basis=_euler_basis(processes, init_law.mean.dtype) if fast_euler else None,
+    )
+
+
+def run_chunk(
+    plan: SimulationPlan,
+    index: int,
+    *,
+    progress_meter: diffrax.AbstractProgressMeter = diffrax.NoProgressMeter(),
+) -> ChunkResult:
+    """Run chunk `index` (of `plan.n_chunks`) as one compiled program; its paths are
+    those of blocks `index * plan.blocks_per_chunk` onwards. `progress_meter`
+    advances at each interval between saved times of the chunk."""
+    if not 0 <= index < plan.n_chunks:
+        raise ValueError(f"run_chunk: index must lie in [0, {plan.n_chunks}), got {index}")
+    first = index * plan.blocks_per_chunk
+    moments, paths = _run_chunk(
+        plan.processes,
+        plan.initial,
+        plan.key,
+        jnp.asarray(first, jnp.int32),
+        jnp.asarray(plan.n_paths, jnp.int32),
+        plan.schedule.grid,
+        save_zero=plan.schedule.save_zero,
+        saved=plan.schedule.saved,
+        solver=plan.solver,
+        n_blocks=plan.blocks_per_chunk,
+        brownian=plan.brownian,
+        controller=plan.controller,
+        keep_paths=plan.keep_paths,
+        sharding=plan.sharding,
+        max_steps=plan.max_steps,
+        exact_steps=plan.exact_steps,
+        euler_basis=plan.euler_basis,
+        progress_meter=progress_meter,
+    )
+    count, mean, m2 = (np.asarray(x, np.float64) for x in moments)
+    if plan.keep_paths:
+        n_here = min(plan.n_paths - first * BLOCK, plan.blocks_per_chunk * BLOCK)
+        paths = np.asarray(paths)[:n_here]
+    return ChunkResult(Moments(count[0], mean, m2), paths)
+
+
+def merge_chunks(plan: SimulationPlan, parts: Sequence[ChunkResult]) -> Simulation:
+    """Merge the chunks' statistics exactly (Chan et al., in float64) into a
+    [`jaxou.Simulation`][]; `parts` must be every chunk of `plan`, in order."""
+    if len(parts) != plan.n_chunks:
+        raise ValueError(f"merge_chunks: {len(parts)} parts for a plan of {plan.n_chunks} chunks")
+    total = merge_host([p.moments for p in parts])
+    n = plan.n_paths
+    if int(round(float(total.count))) != n:
+        raise ValueError(f"merge_chunks: the parts hold {float(total.count):g} paths, not {n}")
+    cov = total.m2 / (n - 1)
+    cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
+    dtype = plan.initial.mean.dtype
+    paths = None
+    if plan.keep_paths:
+        paths = jnp.asarray(np.concatenate([p.paths for p in parts], axis=0), dtype)
+    return Simulation(
+        ts=jnp.asarray(plan.schedule.ts, dtype),
+        mean=jnp.asarray(total.mean, dtype),
+        cov=jnp.asarray(cov, dtype),
+        paths=paths,
+        n_paths=n,
+    )
 
 
 def simulate(
@@ -577,19 +782,18 @@ def simulate(
     key: PRNGKeyArray,
     *,
     n_paths: int,
-    dt: float,
+    dt: float | None = None,
     t1: float | None = None,
     initial: Gaussian | Float[ArrayLike, " d"] | None = None,
-    method: str | diffrax.AbstractSolver = "euler",
+    solver: diffrax.AbstractSolver = FusedEuler(),
     ts: Sequence[float] | Float[ArrayLike, " s"] | None = None,
     keep_paths: bool = False,
     chunk_size: int | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    progress: bool = False,
     max_steps: int = 10**7,
-    brownian: str | None = None,
+    brownian: type | None = None,
     stepsize_controller: diffrax.AbstractStepSizeController | None = None,
     devices: Sequence[jax.Device] | None = None,
+    progress_meter: diffrax.AbstractProgressMeter = diffrax.NoProgressMeter(),
 ) -> Simulation:
     r"""Simulate `n_paths` independent trajectories of an OU model and return their
     streamed statistics (and, on request, the paths).
@@ -601,359 +805,86 @@ def simulate(
     compiled program. A saved time exactly at $T_1$ is the end of pre-training.
 
     Integration goes through `diffrax.diffeqsolve`, with all the paths of a chunk in
-    one state `[n_paths, d]` (see `jaxou._solvers`), fixed steps of at most `dt`
-    (each interval between saved times is cut into equal steps), and statistics
-    reduced at each saved time so that memory does not grow with the number of
-    steps. Each path's randomness depends only on `key` and the path's index, so
-    the result does not depend on `chunk_size` or on the devices (up to rounding).
+    one state `[n_paths, d]`, fixed steps of at most `dt` (each interval between
+    saved times is cut into equal steps), and statistics reduced at each saved time
+    so that memory does not grow with the number of steps. Each path's randomness
+    depends only on `key` and the path's index, so the result does not depend on
+    `chunk_size` or on the devices (up to rounding). Chunk statistics are merged
+    exactly (Chan, Golub & LeVeque 1979). The function is pure: it writes no files
+    and prints nothing but what `progress_meter` shows (`jaxou simulate` on the
+    command line saves each chunk and resumes an interrupted run).
 
     **Arguments:**
 
     - `model`: `OUProcess`, `SGDStage` or `TwoStage`.
     - `key`: a JAX PRNG key.
     - `n_paths`: number of paths, $\ge 2$.
-    - `dt`: the step (an upper bound: intervals are cut into equal steps $\le$ `dt`).
+    - `dt`: the step (an upper bound: intervals are cut into equal steps $\le$ `dt`);
+      not needed by [`jaxou.ExactOU`][].
     - `t1`, `initial`: duration and initial law (a `Gaussian` or a point) for an
       `OUProcess`/`SGDStage`; not allowed for a `TwoStage`.
-    - `method`: `"euler"` (Euler–Maruyama, a fused Diffrax solver; strong and weak
-      order 1 for additive noise; `"milstein"` is the same scheme, as the Milstein
-      correction vanishes for additive noise), `"shark"` / `"sra1"` / `"sea"`
-      (Diffrax's additive-noise stochastic Runge–Kutta solvers; ShARK and SRA1 have
-      strong order 1.5 and weak order 2 here; they draw a space-time Lévy area too,
-      so a step costs about 2-3× Euler), `"heun"` (`diffrax.Heun`), `"exact"` (the
-      exact OU transition, one jump per interval between saved times: no
-      discretisation error whatever `dt`), or any `diffrax.AbstractSolver`
-      instance (used with the terms `MultiTerm(ODETerm(drift), PathsControlTerm)`).
+    - `solver`: a `diffrax.AbstractSolver` instance, used with the terms
+      `MultiTerm(ODETerm(drift), PathsControlTerm(diffusion, brownian))`:
+      [`jaxou.FusedEuler`][]`()` (the default: Euler–Maruyama, strong and weak order 1
+      for additive noise, with the fast path described under `brownian`),
+      [`jaxou.ExactOU`][]`()` (the exact OU transition, one jump per interval between
+      saved times: no discretisation error whatever `dt`), `diffrax.ShARK()`,
+      `diffrax.SRA1()`, `diffrax.SEA()` (additive-noise stochastic Runge–Kutta
+      solvers; ShARK and SRA1 have strong order 1.5 and weak order 2 here and draw a
+      space-time Lévy area too, so a step costs about 2-3× Euler), `diffrax.Heun()`,
+      `diffrax.Euler()`, or your own.
     - `ts`: the saved times in $[0, t_\text{end}]$, strictly increasing; `None`
       saves the final time only.
     - `keep_paths`: also return the paths at `ts` (`[n_paths, len(ts), d]`).
     - `chunk_size`: paths per chunk (rounded up to a multiple of 256 × the number
-      of devices); `None` picks chunks of about $2^{24}/d$ paths. Chunk statistics
-      are merged exactly (Chan et al.).
-    - `checkpoint_dir`: a folder where each finished chunk's statistics are saved
-      atomically; a rerun with the same arguments loads them and only runs the
-      missing chunks.
-    - `progress`: print progress to stderr: one line per finished chunk, and within
-      a chunk after the intervals between saved times (at most one line a second).
+      of devices); `None` picks chunks of about $2^{24}/d$ paths.
     - `max_steps`: the step budget; more steps than this is an error before any work.
-    - `brownian`: `"fast"` (the default for fixed steps: a counter-based
-      fixed-step Brownian path, `jaxou._solvers.CounterBrownianPath`: Threefry-2x32
+    - `brownian`: the class of Brownian path, built by `simulate` for each block of
+      256 paths (as `levy_area=` takes a class in Diffrax):
+      [`jaxou.CounterBrownianPath`][] (the default for fixed steps: Threefry-2x32
       with 20 rounds, the hash of `jax.random.normal`, and a Box–Muller transform,
-      written so that each step is one vectorised loop; about 5× JAX's default
-      normal generation on CPU), `"diffrax"` (a `diffrax.UnsafeBrownianPath` per
-      block of paths), or `"tree"` (a `diffrax.VirtualBrownianTree` at a dyadic
-      tolerance <= `dt/8`: the same Brownian path whatever the step, for adaptive
-      steps and convergence studies; slower). With `"fast"`, `method="euler"`
-      integrates each stage in the eigenbasis of its noise covariance $D = GG^\top$:
-      $u = P^\top(y-\mu)$, $du = -P^\top AP\,u\,dt + \mathrm{diag}(\sigma)\,dW$
-      (`jaxou._solvers.EigenDrift`), the same process in law and the same Euler
-      chain, with elementwise noise and, when $A$ and $D$ commute (an SGD stage whose
-      noise shares the Hessian's eigenvectors), an elementwise drift; its draws
-      therefore differ from those of other methods given the same key.
+      one vectorised loop per step; about 5× JAX's default normal generation on
+      CPU), `diffrax.UnsafeBrownianPath`, or `diffrax.VirtualBrownianTree` (at a
+      dyadic tolerance $\le$ `dt/8`: the same Brownian path whatever the step, for
+      adaptive steps and convergence studies; slower). With `CounterBrownianPath`,
+      `FusedEuler` integrates each stage in the eigenbasis of its noise covariance
+      $D = GG^\top$: $u = P^\top(y-\mu)$, $du = -P^\top AP\,u\,dt +
+      \mathrm{diag}(\sigma)\,dW$, the same process in law and the same Euler chain,
+      with elementwise noise and, when $A$ and $D$ commute (an SGD stage whose noise
+      shares the Hessian's eigenvectors), an elementwise drift; its draws therefore
+      differ from those of other solvers given the same key.
     - `stepsize_controller`: a Diffrax controller, `ConstantStepSize()` by default;
-      an adaptive one (e.g. `PIDController`) needs `brownian="tree"` (chosen
-      automatically) and a solver with an error estimate (`"shark"`, `"sra1"`).
+      an adaptive one (e.g. `PIDController`) needs `diffrax.VirtualBrownianTree`
+      (chosen automatically) and a solver with an error estimate (`ShARK`, `SRA1`).
     - `devices`: the devices to shard the paths over (default `jax.devices()`,
       all hosts' devices under `jax.distributed`).
+    - `progress_meter`: a Diffrax progress meter (`diffrax.TqdmProgressMeter()`,
+      `diffrax.TextProgressMeter()`; none by default), advanced at each saved time;
+      one meter per chunk.
 
     **Returns:** a [`jaxou.Simulation`][].
 
-    **Raises:** `ValueError` before any work for `dt <= 0`, `n_paths < 2`, an
-    unknown `method`, infinite durations, `ts` outside $[0, t_\text{end}]$ or not
-    strictly increasing, more steps than `max_steps`, or a `checkpoint_dir` holding
-    another run; `TypeError` for a model or key of the wrong kind.
+    **Raises:** `ValueError` before any work for `dt <= 0`, `n_paths < 2`, infinite
+    durations, `ts` outside $[0, t_\text{end}]$ or not strictly increasing, more
+    steps than `max_steps`, or an adaptive controller without
+    `diffrax.VirtualBrownianTree`; `TypeError` for a model, key, solver or
+    `brownian` of the wrong kind (strings such as `"euler"` are not accepted).
     """
-    # ---- validation, before any work
-    if isinstance(n_paths, bool) or not isinstance(n_paths, (int, np.integer)):
-        raise TypeError(f"simulate: n_paths must be an int, got {type(n_paths).__name__}")
-    n_paths = int(n_paths)
-    if n_paths < 2:
-        raise ValueError(f"simulate: n_paths must be >= 2 for statistics, got {n_paths}")
-    try:
-        dt = float(dt)
-    except TypeError:
-        raise TypeError("simulate: dt must be a concrete float") from None
-    if not (dt > 0 and math.isfinite(dt)):
-        raise ValueError(f"simulate: dt must be > 0 and finite, got {dt}")
-    if not isinstance(method, diffrax.AbstractSolver) and method not in METHODS:
-        raise ValueError(
-            f"simulate: unknown method {method!r}; use one of {METHODS} or a "
-            "diffrax.AbstractSolver instance"
-        )
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
-        raise ValueError(f"simulate: max_steps must be a positive int, got {max_steps!r}")
-    if stepsize_controller is None:
-        stepsize_controller = diffrax.ConstantStepSize()
-    adaptive = not isinstance(stepsize_controller, diffrax.ConstantStepSize)
-    if brownian is None:
-        brownian = "tree" if adaptive else "fast"
-    if brownian not in ("fast", "diffrax", "tree"):
-        raise ValueError(
-            f"simulate: brownian must be 'fast', 'diffrax' or 'tree', got {brownian!r}"
-        )
-    if adaptive and (brownian != "tree" or method == "exact"):
-        raise ValueError(
-            "simulate: an adaptive stepsize_controller needs brownian='tree' and a "
-            "numerical method (not 'exact')"
-        )
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, (int, np.integer))
-        or chunk_size < 1
-    ):
-        raise ValueError(f"simulate: chunk_size must be a positive int, got {chunk_size!r}")
-    key = _as_key(key)
-    stages, init_law, t_end = _stage_list(model, t1, initial)
-    plan = _plan(stages, t_end, ts, dt, "exact" if method == "exact" else "numeric", max_steps)
-    processes = [p for p, _, _ in stages]
-    symmetric = tuple(
-        bool(np.allclose(np.asarray(p.drift), np.asarray(p.drift).T, rtol=0, atol=0))
-        for p in processes
-    )
-    dtype = init_law.mean.dtype
-    d = init_law.dim
-    exact_steps = _exact_steps(processes, plan, symmetric) if method == "exact" else None
-    euler_basis = None
-    if isinstance(method, str) and method in ("euler", "milstein") and brownian == "fast":
-        euler_basis = _euler_basis(processes, dtype)
-
-    # ---- layout: blocks, chunks, devices
-    devices = list(jax.devices() if devices is None else devices)
-    n_dev = len(devices)
-    sharding = None
-    if n_dev > 1:
-        mesh = Mesh(np.array(devices), ("paths",))
-        sharding = NamedSharding(mesh, PartitionSpec("paths"))
-    total_blocks = -(-n_paths // BLOCK)
-    if chunk_size is None:
-        chunk_size = max(BLOCK, (1 << 24) // max(d, 1))
-    per_chunk = -(-min(chunk_size, total_blocks * BLOCK) // BLOCK)
-    per_chunk = -(-per_chunk // n_dev) * n_dev
-    n_chunks = -(-total_blocks // per_chunk)
-
-    # ---- checkpoints
-    done: dict[int, Moments] = {}
-    done_paths: dict[int, np.ndarray] = {}
-    if checkpoint_dir is not None:
-        checkpoint_dir = os.fspath(checkpoint_dir)
-        os.makedirs(checkpoint_dir, exist_ok=True)
-        fingerprint = _fingerprint(
-            [
-                jax.random.key_data(key),
-                jax.tree.leaves(eqx.filter((processes, init_law), eqx.is_array)),
-                np.asarray(plan.ts),
-                np.asarray([n_paths, per_chunk, BLOCK, int(keep_paths)]),
-                np.frombuffer(
-                    json.dumps([str(method), dt, brownian, str(stepsize_controller)]).encode(),
-                    np.uint8,
-                ),
-            ]
-        )
-        manifest = os.path.join(checkpoint_dir, "manifest.json")
-        if os.path.exists(manifest):
-            with open(manifest) as f:
-                old = json.load(f)
-            if old.get("fingerprint") != fingerprint:
-                raise ValueError(
-                    f"simulate: checkpoint_dir {checkpoint_dir!r} holds chunks of a different "
-                    "run (other arguments, model or key); use an empty folder"
-                )
-        else:
-            fd, tmp = tempfile.mkstemp(dir=checkpoint_dir, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"fingerprint": fingerprint, "n_chunks": n_chunks}, f)
-            os.replace(tmp, manifest)
-        for c in range(n_chunks):
-            path = os.path.join(checkpoint_dir, f"chunk_{c:06d}.npz")
-            if os.path.exists(path):
-                with np.load(path) as z:
-                    done[c] = Moments(z["count"], z["mean"], z["m2"])
-                    if keep_paths:
-                        done_paths[c] = z["paths"]
-
-    # ---- run
-    parts: list[Moments] = []
-    kept: list[np.ndarray] = []
-    t_start = time.perf_counter()
-    for c in range(n_chunks):
-        if c in done:
-            parts.append(done[c])
-            if keep_paths:
-                kept.append(done_paths[c])
-            if progress:
-                print(f"jaxou.simulate: chunk {c + 1}/{n_chunks} loaded", file=sys.stderr)
-            continue
-        first = c * per_chunk
-        moments, paths = _run_chunk(
-            processes,
-            init_law,
-            key,
-            jnp.asarray(first, jnp.int32),
-            jnp.asarray(n_paths, jnp.int32),
-            plan.grid,
-            save_zero=plan.save_zero,
-            saved=plan.saved,
-            method=method,
-            n_blocks=per_chunk,
-            brownian=brownian,
-            controller=stepsize_controller,
-            keep_paths=keep_paths,
-            sharding=sharding,
-            max_steps=max_steps,
-            exact_steps=exact_steps,
-            euler_basis=euler_basis,
-            progress=progress,
-        )
-        moments = Moments(*(np.asarray(x, np.float64) for x in moments))
-        part = Moments(moments.count[0], moments.mean, moments.m2)
-        parts.append(part)
-        if keep_paths:
-            n_here = min(n_paths - first * BLOCK, per_chunk * BLOCK)
-            paths = np.asarray(paths)[:n_here]
-            kept.append(paths)
-        if checkpoint_dir is not None:
-            extra = {"paths": paths} if keep_paths else {}
-            _save_atomic(
-                os.path.join(checkpoint_dir, f"chunk_{c:06d}.npz"),
-                count=part.count,
-                mean=part.mean,
-                m2=part.m2,
-                **extra,
-            )
-        if progress:
-            done_paths_n = min(n_paths, (c + 1) * per_chunk * BLOCK)
-            elapsed = time.perf_counter() - t_start
-            print(
-                f"jaxou.simulate: chunk {c + 1}/{n_chunks} ({done_paths_n}/{n_paths} paths, "
-                f"{elapsed:.1f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    total = merge_host(parts)
-    if int(round(float(total.count))) != n_paths:  # pragma: no cover - internal invariant
-        raise RuntimeError(f"simulate: merged {total.count} paths instead of {n_paths}")
-    cov = total.m2 / (n_paths - 1)
-    cov = 0.5 * (cov + np.swapaxes(cov, -1, -2))
-    return Simulation(
-        ts=jnp.asarray(plan.ts, dtype),
-        mean=jnp.asarray(total.mean, dtype),
-        cov=jnp.asarray(cov, dtype),
-        paths=jnp.asarray(np.concatenate(kept, axis=0), dtype) if keep_paths else None,
+    plan = plan_simulation(
+        model,
+        key,
         n_paths=n_paths,
+        dt=dt,
+        t1=t1,
+        initial=initial,
+        solver=solver,
+        ts=ts,
+        keep_paths=keep_paths,
+        chunk_size=chunk_size,
+        max_steps=max_steps,
+        brownian=brownian,
+        stepsize_controller=stepsize_controller,
+        devices=devices,
     )
-
-
-# ---------------------------------------------------------------------------
-# A quick Monte Carlo cross-check of the analytic laws (for `jaxou run`).
-
-
-def _digamma(x: float) -> float:
-    """ψ(x) for x > 0: recurrence up to x >= 6, then the asymptotic series."""
-    acc = 0.0
-    while x < 6:
-        acc -= 1 / x
-        x += 1
-    inv = 1 / (x * x)
-    return acc + math.log(x) - 0.5 / x - inv * (1 / 12 - inv * (1 / 120 - inv / 252))
-
-
-def kl_fit_floor(d: int, n: int) -> tuple[float, float]:
-    r"""Mean and standard deviation of $\mathrm{KL}(N(\hat\mu,\hat\Sigma)\,\|\,N(\mu,
-    \Sigma))$ for the fit (unbiased covariance) to $n$ exact samples in $d$
-    dimensions: the KL a perfect sampler shows. With $(n-1)\Sigma^{-1/2}\hat\Sigma
-    \Sigma^{-1/2} \sim W_d(n-1, I)$, $E[\mathrm{tr}] = d$ and $E[\ln\det] =
-    \sum_{i=1}^d \psi((n-i)/2) + d\ln(2/(n-1))$, and the shift part is
-    $\chi^2_d/(2n)$; so $E[\mathrm{KL}] = \frac d{2n} - \frac12 E[\ln\det]$ exactly.
-    The standard deviation is the asymptotic $\sqrt{k/2}/n$, $k = d + d(d+1)/2$."""
-    e_logdet = sum(_digamma((n - i) / 2) for i in range(1, d + 1)) + d * math.log(2 / (n - 1))
-    mean = d / (2 * n) - 0.5 * e_logdet
-    k = d + d * (d + 1) / 2
-    return mean, math.sqrt(k / 2) / n
-
-
-def _kl_host(m_p, S_p, m_q, S_q) -> float:
-    """KL(N(m_p, S_p) ‖ N(m_q, S_q)) in float64 NumPy, through Cholesky factors:
-    ½[‖L_q⁻¹L_p‖²_F − d − 2 Σ ln(diag L_p / diag L_q) + ‖L_q⁻¹(m_p − m_q)‖²]."""
-    import scipy.linalg
-
-    Lp = np.linalg.cholesky(S_p)
-    Lq = np.linalg.cholesky(S_q)
-    M = scipy.linalg.solve_triangular(Lq, Lp, lower=True)
-    r = scipy.linalg.solve_triangular(Lq, m_p - m_q, lower=True)
-    logdet = 2 * np.sum(np.log(np.diag(Lp)) - np.log(np.diag(Lq)))
-    return float(0.5 * (np.sum(M**2) - len(m_p) - logdet + r @ r))
-
-
-def monte_carlo_check(
-    model: TwoStage,
-    key: PRNGKeyArray,
-    *,
-    n_paths: int = 4096,
-    dt: float | None = None,
-    method: str = "exact",
-    alpha: float = 1e-3,
-) -> dict:
-    r"""Simulate a [`jaxou.TwoStage`][] and compare the empirical laws at the end
-    of pre-training and of fine-tuning with the analytic ones (`model.laws()`).
-
-    The default, `method="exact"` with 4096 paths, jumps from $0$ to $T_1$ to
-    $T_1+T_2$ with the exact OU transition: it runs in about a second on the default
-    problem (d = 50, durations ~200 and ~20) and has no discretisation bias, so any
-    failure is a bug in the laws or the sampler. A numerical method needs `dt`
-    small enough for the stiffest mode (Euler: `dt · max eig(H) ≲ 0.2` for a
-    bias under the noise; that is ~10^4 steps there, tens of seconds); use it
-    with fewer paths or shorter durations.
-
-    **Returns** a dict: `method`, `n_paths`, `dt`, `seconds`; `kl` (the KL of the
-    empirical Gaussian fit to the analytic law, per stage end, "pretrained" and
-    "finetuned"); `kl_floor` (its exact expectation for a perfect sampler, see
-    `kl_fit_floor`) and `kl_threshold` (the floor plus a one-sided normal quantile
-    at level `alpha/2` times its standard deviation); `max_z_mean` and
-    `max_z_var` (the largest deviation of a mean entry or a variance entry in
-    standard errors, over both stage ends); `z_threshold` (the two-sided
-    Bonferroni critical value at level `alpha`); `passed`.
-    """
-    from statistics import NormalDist
-
-    if not isinstance(model, TwoStage):
-        raise TypeError(f"monte_carlo_check: model must be a TwoStage, got {type(model).__name__}")
-    t_end = float(model.t_pretrain) + float(model.t_finetune)
-    if dt is None:
-        if method != "exact":
-            raise ValueError("monte_carlo_check: dt is required for a numerical method")
-        dt = max(t_end, 1e-12)
-    start = time.perf_counter()
-    ts = [float(model.t_pretrain), t_end]
-    sim = simulate(model, key, n_paths=n_paths, dt=dt, method=method, ts=ts)
-    pre, fine = model.laws()
-    # The comparison on the host in float64 (a few d x d factorisations): no
-    # compiled programs to build for it.
-    mean = np.asarray(sim.mean, np.float64)
-    cov = np.asarray(sim.cov, np.float64)
-    law_mean = np.stack([np.asarray(pre.mean, np.float64), np.asarray(fine.mean, np.float64)])
-    law_cov = np.stack([np.asarray(pre.cov, np.float64), np.asarray(fine.cov, np.float64)])
-    kls = np.array([_kl_host(mean[i], cov[i], law_mean[i], law_cov[i]) for i in range(2)])
-    var = np.diagonal(law_cov, axis1=-2, axis2=-1)
-    z_mean = (mean - law_mean) / np.sqrt(var / n_paths)
-    z_var = (np.diagonal(cov, axis1=-2, axis2=-1) - var) / np.sqrt(2 * var**2 / (n_paths - 1))
-    d = mean.shape[-1]
-    k = 2 * 2 * d  # mean and variance entries, two stage ends
-    z_thr = NormalDist().inv_cdf(1 - alpha / (2 * k))
-    floor, sd = kl_fit_floor(d, n_paths)
-    kl_thr = floor + NormalDist().inv_cdf(1 - alpha / 2) * sd
-    max_zm = float(np.max(np.abs(np.asarray(z_mean))))
-    max_zv = float(np.max(np.abs(z_var)))
-    return {
-        "method": str(method),
-        "n_paths": int(n_paths),
-        "dt": float(dt),
-        "kl": {"pretrained": float(kls[0]), "finetuned": float(kls[1])},
-        "kl_floor": float(floor),
-        "kl_threshold": float(kl_thr),
-        "max_z_mean": max_zm,
-        "max_z_var": max_zv,
-        "z_threshold": float(z_thr),
-        "passed": bool(max(max_zm, max_zv) < z_thr and np.all(kls < kl_thr)),
-        "seconds": time.perf_counter() - start,
-    }
+    parts = [run_chunk(plan, i, progress_meter=progress_meter) for i in range(plan.n_chunks)]
+    return merge_chunks(plan, parts)

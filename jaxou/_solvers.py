@@ -15,8 +15,8 @@ on CPU). Three pieces make that layout work with Diffrax's own solvers:
 - [`ExactOU`][]: a `diffrax.AbstractSolver` taking the exact OU transition as its
   step (no discretisation error), driven by the Brownian increments of the path.
 
-And the fast path of Euler–Maruyama (`simulate(..., method="euler")` with the
-default fixed-step Brownian path):
+And the fast path of Euler–Maruyama (`simulate(..., solver=FusedEuler())`, the
+default, with the default Brownian path `CounterBrownianPath`):
 
 - [`CounterBrownianPath`][]: counter-based increments (Threefry-2x32, 20 rounds;
   Box–Muller with polynomial sin/cos), one hash per pair of normals.
@@ -44,7 +44,7 @@ import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 from ._flow import ou_flow
-from ._ou import OUDiffusion
+from ._ou import OUDiffusion, OUDrift
 
 __all__ = [
     "PathsControlTerm",
@@ -54,6 +54,7 @@ __all__ = [
     "CounterBrownianPath",
     "EigenDrift",
     "DiagonalNoiseTerm",
+    "psd_sqrt",
 ]
 
 
@@ -138,12 +139,22 @@ class ExactOU(diffrax.AbstractItoSolver):
     \xi = \Delta W/\sqrt h \sim N(0, I_d),$$
 
     with $\Sigma_h = \int_0^h e^{-As}De^{-A^\top s}ds$ (DESIGN.md, "exact
-    transition"). Exact in law for any step $h$, so the integrator can jump straight
-    from one saved time to the next. `flow` ($F$) and `noise_root` ($L$) are
-    precomputed for the step `dt`, and the solver must be used with constant steps of
-    exactly that length (checked at run time). It reads no vector field: use it with
-    the terms `MultiTerm(ODETerm(drift_field), PathsControlTerm(...))` whose Brownian
-    path has `d` columns.
+    transition"). Exact in law for any step $h$, so an integrator can jump straight
+    from one saved time to the next: `jaxou.simulate(..., solver=jaxou.ExactOU())`
+    takes one step per interval between saved times, whatever `dt`.
+
+    Use it with the terms `MultiTerm(ODETerm(OUDrift(A, mu)), diffusion)`, where the
+    diffusion term's vector field is $G$ and its Brownian path has `d` columns (the
+    step draws $\xi$ from it). `ExactOU()` computes $F$ and $L$ from the terms at
+    every step; [`jaxou.simulate`][] precomputes them once per interval length and
+    passes them as `flow`, `noise_root` and `dt` (then every step must have length
+    `dt`, checked at run time).
+
+    **Arguments:**
+
+    - `flow`, `noise_root`, `dt`: optional precomputed $F$, $L$ (`[d, d]`) for steps
+      of length `dt` (see `jaxou._solvers.exact_step_matrices`); all three or
+      none.
 
     Reference: e.g. Gardiner, *Stochastic Methods* (2009), §4.5.6.
     """
@@ -151,10 +162,14 @@ class ExactOU(diffrax.AbstractItoSolver):
     term_structure: ClassVar = diffrax.MultiTerm[tuple[diffrax.ODETerm, diffrax.AbstractTerm]]
     interpolation_cls: ClassVar = diffrax.LocalLinearInterpolation
 
-    mean: Float[Array, " d"]
-    flow: Float[Array, "d d"]
-    noise_root: Float[Array, "d d"]
-    dt: Float[Array, ""]
+    flow: Float[Array, "d d"] | None = None
+    noise_root: Float[Array, "d d"] | None = None
+    dt: Float[Array, ""] | None = None
+
+    def __check_init__(self):
+        given = [x is not None for x in (self.flow, self.noise_root, self.dt)]
+        if any(given) and not all(given):
+            raise ValueError("ExactOU: pass flow, noise_root and dt together, or none of them")
 
     def order(self, terms):
         return None
@@ -165,32 +180,57 @@ class ExactOU(diffrax.AbstractItoSolver):
     def init(self, terms, t0, t1, y0, args):
         return None
 
+    def _matrices(self, drift: OUDrift, diffusion, t0, y0, args, h):
+        if self.flow is not None:
+            h = eqx.error_if(
+                h,
+                jnp.abs(h - self.dt) > 1e-5 * self.dt,
+                "ExactOU: the step differs from the dt its transition was built for",
+            )
+            return self.flow, self.noise_root, h
+        G = diffusion.vf(t0, y0, args)
+        return (*exact_step_matrices(drift.matrix, G @ G.T, h, symmetric=None), h)
+
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del solver_state, made_jump
+        drift_term, diffusion = terms.terms
+        drift = drift_term.vector_field
+        if not isinstance(drift, OUDrift):
+            raise TypeError(
+                "ExactOU: the drift term's vector field must be a jaxou.OUDrift, got "
+                f"{type(drift).__name__}"
+            )
         h = jnp.asarray(t1 - t0, y0.dtype)
-        h = eqx.error_if(
-            h,
-            jnp.abs(h - self.dt) > 1e-5 * self.dt,
-            "ExactOU: the step differs from the dt its transition was built for",
-        )
-        _, diffusion = terms.terms
+        flow, root, h = self._matrices(drift, diffusion, t0, y0, args, h)
         dw = diffusion.contr(t0, t1)
+        if dw.shape[-1] != root.shape[-1]:
+            raise ValueError(
+                f"ExactOU: the Brownian path must have d = {root.shape[-1]} columns, got "
+                f"{dw.shape[-1]}"
+            )
         xi = dw / jnp.sqrt(h)
-        y1 = self.mean + (y0 - self.mean) @ self.flow.T + xi @ self.noise_root.T
+        y1 = drift.mean + (y0 - drift.mean) @ flow.T + xi @ root.T
         return y1, None, dict(y0=y0, y1=y1), None, diffrax.RESULTS.successful
 
     def func(self, terms, t0, y0, args):
         return terms.vf(t0, y0, args)
 
 
-def exact_step_matrices(
-    drift: Float[Array, "d d"], diffusion_cov: Float[Array, "d d"], dt, *, symmetric: bool
-) -> tuple[Float[Array, "d d"], Float[Array, "d d"]]:
-    """`(F, L)` with `F = e^{-A dt}` and `L Lᵀ = Σ_dt` (a PSD square root through
-    `eigh`, so that degenerate noise works)."""
-    F, S = ou_flow(drift, diffusion_cov, dt, symmetric=symmetric)
+def psd_sqrt(S: Float[Array, "d d"]) -> Float[Array, "d d"]:
+    """A square root `L` with `L Lᵀ = S` of a symmetric positive semi-definite `S`,
+    through `eigh` (negative rounding noise in the eigenvalues clipped to 0), so that
+    a singular `S` works where a Cholesky factor would fail."""
     lam, V = jnp.linalg.eigh(S)
-    return F, V * jnp.sqrt(jnp.clip(lam, 0))[None, :]
+    return V * jnp.sqrt(jnp.clip(lam, 0))[None, :]
+
+
+def exact_step_matrices(
+    drift: Float[Array, "d d"], diffusion_cov: Float[Array, "d d"], dt, *, symmetric: bool | None
+) -> tuple[Float[Array, "d d"], Float[Array, "d d"]]:
+    """`(F, L)` with `F = e^{-A dt}` and `L Lᵀ = Σ_dt` ([`psd_sqrt`][], so that
+    degenerate noise works); `symmetric` as in `ou_flow`."""
+    F, S = ou_flow(drift, diffusion_cov, dt, symmetric=symmetric)
+    return F, psd_sqrt(S)
 
 
 class FusedEuler(diffrax.AbstractItoSolver):
@@ -198,7 +238,12 @@ class FusedEuler(diffrax.AbstractItoSolver):
     expression, `y + h f(t, y) + dW Gᵀ`; the same numbers as `diffrax.Euler` on
     `MultiTerm(ODETerm(f), PathsControlTerm(G, W))`, with less bookkeeping per step
     (no pytree arithmetic over the `MultiTerm`). Strong order 1 and weak order 1 for
-    additive noise.
+    additive noise (the Milstein correction vanishes there, so this is Milstein's
+    scheme too).
+
+    The default solver of [`jaxou.simulate`][]: with its default Brownian path
+    ([`jaxou.CounterBrownianPath`][]) it integrates each stage in the eigenbasis of
+    the noise covariance, on paired paths (see `jaxou._solvers`), the fastest path.
     """
 
     term_structure: ClassVar = diffrax.MultiTerm[tuple[diffrax.ODETerm, diffrax.AbstractTerm]]
@@ -356,15 +401,17 @@ class CounterBrownianPath(diffrax.AbstractBrownianPath):
     $\sqrt{t_1-t_0}\,z$ with $z$ standard normals from Threefry-2x32 (20 rounds,
     the hash of JAX's default PRNG; Salmon et al. 2011) keyed by
     `hash(key_b, t0, t1)` on counters, transformed by Box–Muller
-    ([`paired_normals`][]): counter $c$ gives the normals of rows $c$ and
+    (`jaxou._solvers.paired_normals`): counter $c$ gives the normals of rows $c$ and
     $c + \text{block}/2$ of the block (real and imaginary part). The space-time
     Lévy area $H \sim N(0, (t_1-t_0)/12)$, when asked, comes from a second,
     disjoint counter range.
 
-    With `paired=True` the path returns the increments as complex numbers,
-    `[n_blocks, block/2, m]`, real part the first half of each block's rows and
-    imaginary part the second: the layout of [`FusedEuler`][] on a paired state,
-    where each hash is computed once inside the step's single fused loop.
+    The default Brownian path of [`jaxou.simulate`][] with fixed steps
+    (`brownian=jaxou.CounterBrownianPath`; `simulate` builds it, one key per block of
+    256 paths). With `paired=True` the path returns the increments as complex
+    numbers, `[n_blocks, block/2, m]`, real part the first half of each block's rows
+    and imaginary part the second: the layout of [`jaxou.FusedEuler`][] on a paired
+    state, where each hash is computed once inside the step's single fused loop.
 
     Like `diffrax.UnsafeBrownianPath` (the same restrictions: fixed steps, no
     backpropagation, increments over disjoint steps independent) but several times
@@ -374,6 +421,14 @@ class CounterBrownianPath(diffrax.AbstractBrownianPath):
     occurs once, and not a Brownian path to be queried at arbitrary intervals.
     Each block's keys are `fold_in(key, b)`, so draws do not depend
     on chunking or sharding.
+
+    **Arguments:**
+
+    - `keys`: `uint32 [n_blocks, 2]`, one Threefry key per block.
+    - `block_shape`: `(block, m)`, `block` even.
+    - `dtype`: the increments' floating dtype.
+    - `levy_area`: `diffrax.BrownianIncrement` or `diffrax.SpaceTimeLevyArea`.
+    - `paired`: return the paired complex layout described above.
     """
 
     keys: Array  # uint32 [n_blocks, 2]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-__all__ = ["Moments", "block_moments", "merge", "merge_host"]
+__all__ = ["Moments", "block_moments", "merge_pair", "merge_host"]
 
 
 class Moments(NamedTuple):
@@ -37,13 +37,13 @@ class Moments(NamedTuple):
     m2: Array
 
 
-def _merge(a: Moments, b: Moments) -> Moments:
+def merge_pair(a: Moments, b: Moments) -> Moments:
+    """The summary of two disjoint samples (Chan et al.; both counts > 0): the
+    formula in the module docstring, in whatever array type the inputs have."""
     n = a.count + b.count
-    safe = jnp.where(n > 0, n, 1)
     delta = b.mean - a.mean
-    mean = a.mean + delta * (b.count / safe)[..., None]
-    w = (a.count * b.count / safe)[..., None, None]
-    m2 = a.m2 + b.m2 + w * delta[..., :, None] * delta[..., None, :]
+    mean = a.mean + delta * (b.count / n)
+    m2 = a.m2 + b.m2 + (a.count * b.count / n) * delta[..., :, None] * delta[..., None, :]
     return Moments(n, mean, m2)
 
 
@@ -86,18 +86,6 @@ def merge_host(parts: list[Moments]) -> Moments:
         for p in parts
     ]
     while len(parts) > 1:
-        nxt = []
-        for i in range(0, len(parts) - 1, 2):
-            a, b = parts[i], parts[i + 1]
-            n = a.count + b.count
-            delta = b.mean - a.mean
-            mean = a.mean + delta * (b.count / n)
-            m2 = a.m2 + b.m2 + (a.count * b.count / n) * delta[..., :, None] * delta[..., None, :]
-            nxt.append(Moments(n, mean, m2))
-        if len(parts) % 2:
-            nxt.append(parts[-1])
-        parts = nxt
+        pairs = [merge_pair(parts[i], parts[i + 1]) for i in range(0, len(parts) - 1, 2)]
+        parts = pairs + parts[len(pairs) * 2 :]
     return parts[0]
-
-
-merge = _merge

@@ -664,3 +664,112 @@ def test_simulate_command_default_settings():
     assert cfg.simulate.dtype == "float32" and cfg.simulate.n_paths == 4096
     with pytest.raises(ConfigError, match=r"simulate\.dtype must be one of"):
         load_config(None, [("simulate", "dtype", "float16")])
+
+
+# Resume (jaxou._resume): a killed run resumes, a foreign folder is refused, a failing
+# run leaves what earlier runs wrote intact.
+
+
+def _simulate_argv(cfg, out, *extra):
+    sets = {"method": '"exact"', "n_paths": "768", "chunk_size": "256", "dtype": '"float64"'}
+    argv = ["simulate", str(cfg), "--out", str(out), "--saves", "6", "--json"]
+    for key, value in sets.items():
+        argv += ["--set", f"simulate.{key}={value}"]
+    return argv + list(extra)
+
+
+def test_simulate_command_resumes_an_interrupted_run(tmp_path, capsys, monkeypatch):
+    import jax
+
+    import jaxou._plot
+    import jaxou._simulate as sim_module
+    from jaxou._problem import build_problem
+
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL)
+    out = tmp_path / "sim"
+    real = sim_module.run_chunk
+    calls = []
+
+    def interrupted(plan, i, **kwargs):
+        calls.append(i)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(plan, i, **kwargs)
+
+    monkeypatch.setattr(sim_module, "run_chunk", interrupted)
+    assert main(_simulate_argv(cfg, out)) == 130
+    assert "interrupted" in capsys.readouterr().err
+    chunks = sorted(p.name for p in (out / "simulate_chunks").iterdir())
+    assert chunks == ["chunk_000000.npz", "manifest.json"]  # no half-written file
+    assert not (out / "simulate_summary.json").exists()
+
+    calls.clear()
+    counting = lambda plan, i, **kwargs: calls.append(i) or real(plan, i, **kwargs)
+    monkeypatch.setattr(sim_module, "run_chunk", counting)
+    assert main(_simulate_argv(cfg, out)) == 0
+    captured = capsys.readouterr()
+    assert "resuming: 1 of 3 chunks already done" in captured.err
+    assert calls == [1, 2]  # only the missing chunks
+    summary = json.loads(captured.out)
+    assert summary["paths_computed"] == 512 and summary["settings"]["chunks"] == 3
+    # The same statistics as one uninterrupted library call.
+    model, _ = build_problem(load_config(cfg))
+    ts = np.load(out / "simulate_arrays.npz")["ts"]
+    ref = jaxou.simulate(
+        model, jax.random.key(0), n_paths=768, solver=jaxou.ExactOU(), ts=ts, chunk_size=256
+    )
+    arrays = np.load(out / "simulate_arrays.npz")
+    np.testing.assert_allclose(arrays["mean"], ref.mean, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(arrays["cov"], ref.cov, rtol=0, atol=1e-12)
+
+    # A run that fails later (here in the figure) leaves the earlier outputs and the
+    # chunks as they were.
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    chunk_bytes = (out / "simulate_chunks" / "chunk_000001.npz").read_bytes()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no figure today")
+
+    monkeypatch.setattr(jaxou._plot, "plot_simulation", broken)
+    assert main(_simulate_argv(cfg, out, "-q")) == 1
+    assert "no figure today" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert (out / "simulate_chunks" / "chunk_000001.npz").read_bytes() == chunk_bytes
+
+
+def test_simulate_command_refuses_a_foreign_folder(tmp_path, capsys):
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL)
+    out = tmp_path / "sim"
+    (out / "simulate_chunks").mkdir(parents=True)
+    (out / "simulate_chunks" / "chunk_000000.npz").write_bytes(b"someone else's")
+    (out / "simulate_chunks" / "notes.txt").write_text("keep me")
+    assert main(_simulate_argv(cfg, out, "-q")) == 2
+    assert "holds chunks of a different simulation" in capsys.readouterr().err
+    assert (out / "simulate_chunks" / "chunk_000000.npz").read_bytes() == b"someone else's"
+    # --fresh discards the chunk files, and only those.
+    assert main(_simulate_argv(cfg, out, "-q", "--fresh", "--no-plot")) == 0
+    assert (out / "simulate_chunks" / "notes.txt").read_text() == "keep me"
+    names = sorted(p.name for p in (out / "simulate_chunks").iterdir())
+    assert names == [f"chunk_00000{i}.npz" for i in range(3)] + ["manifest.json", "notes.txt"]
+
+
+def test_fingerprint_and_chunk_store(tmp_path):
+    from jaxou._config import ConfigError
+    from jaxou._resume import ChunkStore, fingerprint
+
+    a = np.array([1.0, 2.0])
+    b = np.nextafter(a, 3.0)  # one ulp apart
+    assert fingerprint({"x": a}, 3) == fingerprint({"x": a.copy()}, 3)
+    assert fingerprint({"x": a}, 3) != fingerprint({"x": b}, 3)
+    assert fingerprint({"x": a}, 3) != fingerprint({"x": a.astype(np.float32)}, 3)
+    store = ChunkStore(str(tmp_path / "c"), "f1", 2, what="test")
+    assert store.done() == []
+    store.save(1, {"y": a})
+    assert store.done() == [1]
+    again = ChunkStore(str(tmp_path / "c"), "f1", 2, what="test")
+    np.testing.assert_array_equal(again.load(1)["y"], a)
+    with pytest.raises(ConfigError, match="different test"):
+        ChunkStore(str(tmp_path / "c"), "f2", 2, what="test")
+    assert ChunkStore(str(tmp_path / "c"), "f2", 2, what="test", fresh=True).done() == []

@@ -1,5 +1,7 @@
-"""Monte Carlo engine: moments against the exact laws, the exact sampler's law (KS),
-weak and strong orders, chunking, checkpoints, sharding, errors, no recompilation.
+"""Monte Carlo engine: moments against the exact laws (SciPy and closed forms), the
+exact sampler's law (KS), transient growth, weak and strong orders, chunking,
+sharding, errors, progress meters, no recompilation; the diagnostics of
+`jaxou._diagnostics`; the counter-based generator.
 
 Tolerances come from standard errors with a Bonferroni correction at a family-wise
 level ALPHA per test (fixed seeds, so each test is deterministic); slopes are
@@ -21,7 +23,8 @@ import scipy.linalg
 import scipy.stats
 
 import jaxou
-from jaxou._simulate import BLOCK, _run_chunk, analytic_marginals, simulate
+from jaxou._simulate import BLOCK, _run_chunk, merge_chunks, plan_simulation, run_chunk
+from jaxou._solvers import PathsControlTerm
 from jaxou._stats import block_moments
 
 ALPHA = 1e-3
@@ -51,7 +54,8 @@ def _z_crit(k: int) -> float:
 
 def _assert_moments(sim, laws):
     z_mean, z_cov = sim.z_scores(laws)
-    iu = np.triu_indices(D)
+    d = sim.mean.shape[-1]
+    iu = np.triu_indices(d)
     zs = np.concatenate([np.ravel(z_mean), np.ravel(np.asarray(z_cov)[:, iu[0], iu[1]])])
     assert np.max(np.abs(zs)) < _z_crit(zs.size), np.max(np.abs(zs))
 
@@ -108,10 +112,10 @@ def _euler_laws(model, ts, dt):
 
 
 def test_exact_moments_and_ks(model, key):
-    sim = simulate(model, key, n_paths=N, dt=0.1, method="exact", ts=TS, keep_paths=True)
+    sim = jaxou.simulate(model, key, n_paths=N, solver=jaxou.ExactOU(), ts=TS, keep_paths=True)
     assert sim.paths.shape == (N, len(TS), D)
     assert sim.mean.shape == (len(TS), D) and sim.cov.shape == (len(TS), D, D)
-    laws = analytic_marginals(model, TS)
+    laws = jaxou.analytic_marginals(model, TS)
     _assert_moments(sim, laws)
     # The streamed statistics are those of the kept paths.
     paths = np.asarray(sim.paths)
@@ -127,37 +131,321 @@ def test_exact_moments_and_ks(model, key):
             proj = paths[:, i] @ u
             pvals.append(scipy.stats.kstest(proj, "norm", args=(u @ m, np.sqrt(u @ S @ u))).pvalue)
     assert min(pvals) > ALPHA / len(pvals), min(pvals)
-    # The KL helper agrees with jaxou.kl and is near the finite-sample floor.
-    kls = sim.kl_to(model)
-    np.testing.assert_allclose(kls, jaxou.kl(sim.gaussian(), laws), rtol=1e-12)
-    assert np.all(np.asarray(kls) < 20 * (D + D * (D + 1) / 2) / (2 * N))
+    # The KL helper agrees with jaxou.kl.
+    np.testing.assert_allclose(sim.kl_to(laws), jaxou.kl(sim.gaussian(), laws), rtol=1e-12)
 
 
 def test_euler_moments_and_no_recompile(model, key):
-    sim = simulate(model, key, n_paths=N, dt=0.01, ts=TS)
+    sim = jaxou.simulate(model, key, n_paths=N, dt=0.01, ts=TS)
     assert sim.paths is None
     _assert_moments(sim, _euler_laws(model, TS, 0.01))
     # Same shapes, other key and dt: the compiled chunk is reused.
     size = _run_chunk._cached._cache_size()
-    sim2 = simulate(model, jax.random.key(7), n_paths=N, dt=0.02, ts=TS)
+    sim2 = jaxou.simulate(model, jax.random.key(7), n_paths=N, dt=0.02, ts=TS)
     assert _run_chunk._cached._cache_size() == size
     _assert_moments(sim2, _euler_laws(model, TS, 0.02))
 
 
-def test_ou_process_point_initial(key):
+# A stable drift whose symmetric part is indefinite (eigenvalues of A + Aᵀ: -48, 52):
+# a Jordan-like block whose mean and covariance grow by a factor ~20 before they
+# decay (transient growth), and a non-normal flow e^{-At} = e^{-t}[[1, -50t], [0, 1]].
+GROWTH_A = np.array([[1.0, 50.0], [0.0, 1.0]])
+GROWTH_G = np.array([[0.3, 0.0], [0.2, 0.5]])
+GROWTH_MU = np.array([0.5, -0.5])
+GROWTH_INIT = (np.array([1.0, 1.0]), 0.1 * np.eye(2))
+GROWTH_TS = [0.25, 1.0, 3.0]
+
+
+def _scipy_marginals(A, G, mu, m0, S0, ts):
+    """The exact marginals from SciPy alone: F = expm(-At), Σ∞ from
+    solve_continuous_lyapunov (A Σ + Σ Aᵀ = GGᵀ), cov = F S0 Fᵀ + Σ∞ - F Σ∞ Fᵀ."""
+    S_inf = scipy.linalg.solve_continuous_lyapunov(A, G @ G.T)
+    means, covs = [], []
+    for t in ts:
+        F = scipy.linalg.expm(-A * t)
+        means.append(mu + F @ (m0 - mu))
+        covs.append(F @ S0 @ F.T + S_inf - F @ S_inf @ F.T)
+    return np.stack(means), np.stack(covs)
+
+
+def _growth_z(sim, mean, cov, n):
+    var = np.diagonal(cov, axis1=-2, axis2=-1)
+    zm = (np.asarray(sim.mean) - mean) / np.sqrt(var / n)
+    se = np.sqrt((var[:, :, None] * var[:, None, :] + cov**2) / (n - 1))
+    zc = (np.asarray(sim.cov) - cov) / se
+    return np.concatenate([zm.ravel(), zc[:, [0, 0, 1], [0, 1, 1]].ravel()])
+
+
+@pytest.mark.parametrize("solver", ["exact", pytest.param("euler", marks=pytest.mark.slow)])
+def test_transient_growth_against_scipy(solver):
+    assert np.linalg.eigvalsh(GROWTH_A + GROWTH_A.T)[0] < 0 < np.linalg.eigvals(GROWTH_A).real.min()
+    proc = jaxou.OUProcess(GROWTH_A, GROWTH_MU, GROWTH_G)
+    initial = jaxou.Gaussian(*GROWTH_INIT)
+    mean, cov = _scipy_marginals(GROWTH_A, GROWTH_G, GROWTH_MU, *GROWTH_INIT, GROWTH_TS)
+    assert np.max(np.abs(mean)) > 10 * np.max(np.abs(GROWTH_INIT[0]))  # it does grow
+    n, dt = 8192, 2.5e-4
+    kw = dict(n_paths=n, t1=3.0, initial=initial, ts=GROWTH_TS)
+    if solver == "exact":
+        sim = jaxou.simulate(proc, jax.random.key(11), solver=jaxou.ExactOU(), **kw)
+    else:
+        # Euler's own bias at this step, from the exact law of its chain, is a small
+        # fraction of a standard error, so the exact marginals are the reference.
+        for t, m, S in zip(GROWTH_TS, mean, cov):
+            chain = _ou_chain_law(GROWTH_A, GROWTH_MU, GROWTH_G, *GROWTH_INIT, dt, round(t / dt))
+            bias = _growth_z(_Moments(chain[0][None], chain[1][None]), m[None], S[None], n)
+            assert np.max(np.abs(bias)) < 0.1, (t, bias)
+        sim = jaxou.simulate(proc, jax.random.key(12), dt=dt, **kw)
+        # The library's analytic laws agree with SciPy's.
+        laws = jaxou.analytic_marginals(proc, GROWTH_TS, initial=initial)
+        np.testing.assert_allclose(laws.mean, mean, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(laws.cov, cov, rtol=1e-8, atol=1e-9)
+    zs = _growth_z(sim, mean, cov, n)
+    assert np.max(np.abs(zs)) < _z_crit(zs.size), zs
+
+
+class _Moments:
+    def __init__(self, mean, cov):
+        self.mean, self.cov = mean, cov
+
+
+@pytest.mark.slow
+def test_exact_solver_alone_in_diffeqsolve():
+    """ExactOU() without precomputed matrices, as a plain Diffrax solver: it computes
+    the transition of each step from the terms; two steps of 0.5 against SciPy."""
+    n = 4000
     A = np.array([[1.0, 0.4], [-0.3, 2.0]])  # not symmetric: the general flow
-    proc = jaxou.OUProcess(A, np.array([1.0, -1.0]), np.array([[0.5, 0.0], [0.2, 0.3]]))
-    x0 = np.array([2.0, 0.0])
-    sim = simulate(proc, key, n_paths=2000, dt=0.5, t1=1.0, initial=x0, method="exact")
-    assert sim.ts.shape == (1,) and float(sim.ts[0]) == 1.0
-    laws = analytic_marginals(proc, sim.ts, initial=x0)
-    z_mean, z_cov = sim.z_scores(laws)
-    zs = np.concatenate([np.ravel(z_mean), np.ravel(z_cov)])
-    assert np.max(np.abs(zs)) < _z_crit(zs.size)
+    G = np.array([[0.5, 0.0], [0.2, 0.3]])
+    proc = jaxou.OUProcess(A, np.array([1.0, -1.0]), G)
+    bm = diffrax.UnsafeBrownianPath(jax.ShapeDtypeStruct((n, 2), jnp.float64), jax.random.key(4))
+    terms = diffrax.MultiTerm(
+        diffrax.ODETerm(proc.drift_field),
+        PathsControlTerm(proc.diffusion_field, bm),
+    )
+    x0 = jnp.tile(jnp.array([2.0, 0.0]), (n, 1))
+    solver = jaxou.ExactOU()
+    sol = diffrax.diffeqsolve(terms, solver, 0.0, 1.0, 0.5, x0, adjoint=diffrax.ForwardMode())
+    y = np.asarray(sol.ys[-1])
+    mean, cov = _scipy_marginals(
+        A, G, np.array([1.0, -1.0]), np.array([2.0, 0.0]), np.zeros((2, 2)), [1.0]
+    )
+    sample = _Moments(y.mean(0)[None], np.cov(y.T)[None])
+    zs = _growth_z(sample, mean, cov, n)
+    assert np.max(np.abs(zs)) < _z_crit(zs.size), zs
 
 
 # ---------------------------------------------------------------------------
-# Orders (nested steps sharing one Brownian path: brownian="tree")
+# Chunks, devices, progress
+
+
+def test_chunks_merge_exactly_and_do_not_change_draws(model, key):
+    """Chunking changes no draw: the merged statistics equal the one-chunk run, and
+    `simulate` is `plan_simulation` + `run_chunk` + `merge_chunks`."""
+    kw = dict(n_paths=1000, dt=0.05, ts=TS)
+    whole = jaxou.simulate(model, key, **kw)
+    chunked = jaxou.simulate(model, key, chunk_size=BLOCK, **kw)
+    np.testing.assert_allclose(chunked.mean, whole.mean, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(chunked.cov, whole.cov, rtol=0, atol=1e-12)
+    plan = plan_simulation(model, key, chunk_size=BLOCK, **kw)
+    assert plan.n_chunks == 4  # 1000 paths in chunks of 256
+    parts = [run_chunk(plan, i) for i in reversed(range(plan.n_chunks))][::-1]
+    assert [int(p.moments.count) for p in parts] == [256, 256, 256, 232]
+    again = merge_chunks(plan, parts)
+    np.testing.assert_array_equal(again.mean, chunked.mean)
+    np.testing.assert_array_equal(again.cov, chunked.cov)
+    with pytest.raises(ValueError, match="parts"):
+        merge_chunks(plan, parts[:3])
+    with pytest.raises(ValueError, match="index"):
+        run_chunk(plan, 4)
+
+
+def test_progress_meter(capsys):
+    """A Diffrax progress meter advances at each saved time, once per chunk."""
+    proc = jaxou.OUProcess(np.eye(2), np.zeros(2), 0.5 * np.eye(2))
+    jaxou.simulate(
+        proc,
+        jax.random.key(0),
+        n_paths=2 * BLOCK,
+        t1=1.0,
+        initial=np.zeros(2),
+        solver=jaxou.ExactOU(),
+        ts=[0.25, 0.5, 0.75, 1.0],
+        chunk_size=BLOCK,
+        progress_meter=diffrax.TextProgressMeter(minimum_increase=0.1),
+    )
+    lines = capsys.readouterr().out.split()
+    assert lines == ["0.00%", "25.00%", "50.00%", "75.00%", "100.00%"] * 2, lines
+
+
+_SHARD_SCRIPT = textwrap.dedent(
+    """
+    import jax, numpy as np
+    jax.config.update("jax_enable_x64", True)
+    import jaxou
+    assert len(jax.devices()) == 4, jax.devices()
+    d = 3
+    def stage(s):
+        r = np.random.default_rng(s)
+        Q = np.linalg.qr(r.normal(size=(d, d)))[0]
+        H = (Q * r.uniform(0.5, 2, d)) @ Q.T
+        return jaxou.SGDStage(H, np.eye(d), r.normal(size=d), 0.1, 1.0)
+    model = jaxou.TwoStage(jaxou.Gaussian.isotropic(np.zeros(d), 1.0), stage(1), stage(2), 1.0, 0.5)
+    kw = dict(n_paths=1500, dt=0.05, ts=[0.5, 1.0, 1.5], keep_paths=True)
+    many = jaxou.simulate(model, jax.random.key(0), **kw)
+    one = jaxou.simulate(model, jax.random.key(0), devices=jax.devices()[:1], **kw)
+    print("DIFF", float(np.max(np.abs(many.paths - one.paths))),
+          float(np.max(np.abs(many.cov - one.cov))), float(np.max(np.abs(many.mean - one.mean))))
+    """
+)
+
+
+@pytest.mark.slow
+def test_sharded_equals_single_device():
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARD_SCRIPT], env=env, capture_output=True, text=True, timeout=280
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith("DIFF")][0]
+    diffs = [float(x) for x in line.split()[1:]]
+    assert max(diffs) < 1e-12, diffs
+
+
+# ---------------------------------------------------------------------------
+# Statistics and errors
+
+
+def test_block_moments_float32_keeps_digits():
+    r = np.random.default_rng(0)
+    n, d = 2**20, 4
+    x = (1000.0 + r.normal(size=(n, d)) * np.array([1.0, 2.0, 3.0, 0.1])).astype(np.float32)
+    m = block_moments(jnp.asarray(x).reshape(-1, BLOCK, d), jnp.ones((n // BLOCK, BLOCK)))
+    x64 = x.astype(np.float64)
+    mu = x64.mean(0)
+    m2 = (x64 - mu).T @ (x64 - mu)
+    assert m.mean.dtype == jnp.float32
+    # A few float32 ulps, where the raw-moment formula loses every digit.
+    assert np.max(np.abs(np.asarray(m.mean) - mu)) / 1000 < 1e-6
+    assert np.max(np.abs(np.asarray(m.m2) - m2)) / np.max(np.abs(m2)) < 1e-6
+
+
+def test_errors(model, key):
+    proc = model.pretrain.process
+    x0 = np.zeros(D)
+    sim = jaxou.simulate
+    with pytest.raises(ValueError, match="dt"):
+        sim(model, key, n_paths=10, dt=0.0)
+    with pytest.raises(ValueError, match="dt"):
+        sim(model, key, n_paths=10, dt=-1.0)
+    with pytest.raises(ValueError, match="dt is required"):
+        sim(model, key, n_paths=10)
+    with pytest.raises(ValueError, match="n_paths"):
+        sim(model, key, n_paths=1, dt=0.1)
+    with pytest.raises(TypeError, match="n_paths"):
+        sim(model, key, n_paths=10.0, dt=0.1)
+    with pytest.raises(ValueError, match="max_steps"):
+        sim(model, key, n_paths=10, dt=1e-3, max_steps=100)
+    # Objects, not strings.
+    with pytest.raises(TypeError, match="solver"):
+        sim(model, key, n_paths=10, dt=0.1, solver="euler")
+    with pytest.raises(TypeError, match=r"FusedEuler\(\)"):
+        sim(model, key, n_paths=10, dt=0.1, solver=jaxou.FusedEuler)
+    with pytest.raises(TypeError, match="brownian"):
+        sim(model, key, n_paths=10, dt=0.1, brownian="tree")
+    with pytest.raises(ValueError, match="together"):
+        jaxou.ExactOU(flow=jnp.eye(D))
+    with pytest.raises(ValueError, match="without matrices"):
+        sim(model, key, n_paths=10, solver=jaxou.ExactOU(jnp.eye(D), jnp.eye(D), 1.0))
+    adaptive = diffrax.PIDController(rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="VirtualBrownianTree"):
+        sim(
+            model,
+            key,
+            n_paths=10,
+            dt=0.1,
+            stepsize_controller=adaptive,
+            brownian=jaxou.CounterBrownianPath,
+        )
+    with pytest.raises(ValueError, match="ts"):
+        sim(model, key, n_paths=10, dt=0.1, ts=[0.5, 2.0])
+    with pytest.raises(ValueError, match="ts"):
+        sim(model, key, n_paths=10, dt=0.1, ts=[-0.1, 0.5])
+    with pytest.raises(ValueError, match="ts"):
+        sim(model, key, n_paths=10, dt=0.1, ts=[1.0, 0.5])
+    inf = jaxou.TwoStage(model.init, model.pretrain, model.finetune, float("inf"), 1.0)
+    with pytest.raises(ValueError, match="t_pretrain"):
+        sim(inf, key, n_paths=10, dt=0.1)
+    with pytest.raises(ValueError, match="t1"):
+        sim(proc, key, n_paths=10, dt=0.1, t1=float("inf"), initial=x0)
+    with pytest.raises(ValueError, match="t1"):
+        sim(proc, key, n_paths=10, dt=0.1, initial=x0)
+    with pytest.raises(ValueError, match="initial"):
+        sim(proc, key, n_paths=10, dt=0.1, t1=1.0)
+    with pytest.raises(ValueError, match="t1 or initial"):
+        sim(model, key, n_paths=10, dt=0.1, t1=1.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        sim(model, key, n_paths=10, dt=0.1, chunk_size=0)
+    fake = jaxou.Simulation(jnp.zeros(1), jnp.zeros((1, D)), jnp.eye(D)[None], None, 10)
+    with pytest.raises(TypeError, match="analytic_marginals"):
+        fake.kl_to(model)
+
+
+# ---------------------------------------------------------------------------
+# Diagnostics
+
+
+def test_kl_fit_floor_against_monte_carlo():
+    """Mean and sd of the KL of Gaussian fits to n exact samples: a Monte Carlo over
+    M replications (a random mean and covariance; the KL by Cholesky factors in
+    NumPy) within Bonferroni bounds from its own standard errors."""
+    r = np.random.default_rng(5)
+    d, n, M = 3, 12, 20_000
+    mu = r.normal(size=d)
+    B = r.normal(size=(d, d))
+    S = B @ B.T + 0.5 * np.eye(d)
+    L = np.linalg.cholesky(S)
+    x = mu + r.normal(size=(M, n, d)) @ L.T
+    m = x.mean(1)
+    dev = x - m[:, None]
+    S_hat = np.einsum("mni,mnj->mij", dev, dev) / (n - 1)
+    W = np.linalg.solve(L, np.linalg.solve(L, S_hat).transpose(0, 2, 1))  # L⁻¹ Ŝ L⁻ᵀ
+    shift = np.linalg.solve(L, (m - mu).T).T
+    kls = 0.5 * (np.trace(W, axis1=1, axis2=2) - d - np.linalg.slogdet(W)[1] + np.sum(shift**2, 1))
+    mean, sd = jaxou.kl_fit_floor(d, n)
+    z_mean = (kls.mean() - mean) / (kls.std() / np.sqrt(M))
+    c = kls - kls.mean()
+    z_var = (kls.var() - sd**2) / np.sqrt((np.mean(c**4) - kls.var() ** 2) / M)
+    assert max(abs(z_mean), abs(z_var)) < _z_crit(2), (z_mean, z_var)
+    # Large n: the chi-square limit, mean k/(2n) and sd sqrt(k/2)/n, k = d + d(d+1)/2.
+    k = 3 + 6
+    big = jaxou.kl_fit_floor(3, 10**6)
+    np.testing.assert_allclose(big, (k / 2e6, np.sqrt(k / 2) / 1e6), rtol=1e-4)
+    with pytest.raises(ValueError, match="n_paths > dim"):
+        jaxou.kl_fit_floor(3, 3)
+
+
+def test_monte_carlo_check(model, key):
+    check = jaxou.monte_carlo_check(model, key, n_paths=2048)
+    assert isinstance(check, jaxou.MonteCarloCheck) and check.passed, check
+    assert check.n_paths == 2048
+    assert (check.kl_floor, check.kl_floor_std) == jaxou.kl_fit_floor(D, 2048)
+    assert 0 < check.kl_finetuned < check.kl_threshold
+    assert check.max_z_mean < check.z_threshold and check.max_z_var < check.z_threshold
+    with pytest.raises(TypeError, match="TwoStage"):
+        jaxou.monte_carlo_check(model.pretrain, key)
+
+
+@pytest.mark.slow
+def test_monte_carlo_check_detects_a_biased_sampler(model, key):
+    """Euler with dt = 0.25 has a variance bias of about λ dt / 2 (up to 25% here):
+    the check must fail."""
+    check = jaxou.monte_carlo_check(model, key, n_paths=4096, solver=jaxou.FusedEuler(), dt=0.25)
+    assert not check.passed, check
+
+
+# ---------------------------------------------------------------------------
+# Orders (nested steps sharing one Brownian path: diffrax.VirtualBrownianTree)
 
 
 def _slope(dts, errs):
@@ -170,25 +458,26 @@ def test_weak_and_strong_order(key):
     proc = jaxou.OUProcess(A, np.zeros(2), 0.5 * np.eye(2))
     x0 = np.array([3.0, -2.0])
     dts = [0.1, 0.05, 0.025, 0.0125]
-    run = lambda dt, method: simulate(
+    run = lambda dt, solver: jaxou.simulate(
         proc,
         key,
         n_paths=2048,
         dt=dt,
         t1=1.0,
         initial=x0,
-        method=method,
-        brownian="tree",
-        keep_paths=not isinstance(method, str) or method == "euler",
+        solver=solver,
+        brownian=diffrax.VirtualBrownianTree,
+        keep_paths=not isinstance(solver, diffrax.ShARK),
     )
     all_sims = {}
-    for method, order in (("euler", 1.0), ("shark", 2.0)):
-        sims = all_sims[method] = [run(dt, method) for dt in dts]
+    cases = (("euler", jaxou.FusedEuler(), 1.0), ("shark", diffrax.ShARK(), 2.0))
+    for name, solver, order in cases:
+        sims = all_sims[name] = [run(dt, solver) for dt in dts]
         # Weak: successive differences of the moments (the shared path cancels the noise).
         dm = [np.linalg.norm(a.mean - b.mean) for a, b in zip(sims, sims[1:])]
         dc = [np.linalg.norm(a.cov - b.cov) for a, b in zip(sims, sims[1:])]
-        assert abs(_slope(dts[:-1], dm) - order) < 0.25, (method, dm)
-        assert abs(_slope(dts[:-1], dc) - order) < 0.25, (method, dc)
+        assert abs(_slope(dts[:-1], dm) - order) < 0.25, (name, dm)
+        assert abs(_slope(dts[:-1], dc) - order) < 0.25, (name, dc)
     # Strong (Euler): RMS distance to the exact solution driven by the same Brownian
     # path, X(T) = e^{-AT}x0 + ∫ e^{-A(T-s)} G dW(s), approximated on a fine grid by
     # composing exact per-step flows with the fine increments (exponential
@@ -237,188 +526,35 @@ class _ExpMidpoint(diffrax.AbstractItoSolver):
 
 
 # ---------------------------------------------------------------------------
-# Chunks, checkpoints, devices
-
-
-def test_chunked_equals_unchunked_and_resume(model, key, tmp_path, capsys):
-    kw = dict(n_paths=1000, dt=0.05, ts=TS)
-    whole = simulate(model, key, **kw)
-    chunked = simulate(model, key, chunk_size=BLOCK, **kw)
-    np.testing.assert_allclose(chunked.mean, whole.mean, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(chunked.cov, whole.cov, rtol=0, atol=1e-12)
-    # Resume: finished chunks are loaded, only the missing one runs again.
-    ck = tmp_path / "ck"
-    first = simulate(model, key, chunk_size=BLOCK, checkpoint_dir=ck, **kw)
-    assert sorted(os.listdir(ck)) == [
-        "chunk_000000.npz",
-        "chunk_000001.npz",
-        "chunk_000002.npz",
-        "chunk_000003.npz",
-        "manifest.json",
-    ]
-    os.remove(ck / "chunk_000002.npz")
-    capsys.readouterr()
-    again = simulate(model, key, chunk_size=BLOCK, checkpoint_dir=ck, progress=True, **kw)
-    err = capsys.readouterr().err
-    assert err.count("loaded") == 3 and err.count("paths,") == 1
-    np.testing.assert_allclose(again.cov, first.cov, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(again.mean, chunked.mean, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="checkpoint_dir"):
-        simulate(model, jax.random.key(3), chunk_size=BLOCK, checkpoint_dir=ck, **kw)
-
-
-_SHARD_SCRIPT = textwrap.dedent(
-    """
-    import jax, numpy as np
-    jax.config.update("jax_enable_x64", True)
-    import jaxou
-    from jaxou._simulate import simulate
-    assert len(jax.devices()) == 4, jax.devices()
-    r = np.random.default_rng(1)
-    d = 3
-    def stage(s):
-        r = np.random.default_rng(s)
-        Q = np.linalg.qr(r.normal(size=(d, d)))[0]
-        H = (Q * r.uniform(0.5, 2, d)) @ Q.T
-        return jaxou.SGDStage(H, np.eye(d), r.normal(size=d), 0.1, 1.0)
-    model = jaxou.TwoStage(jaxou.Gaussian.isotropic(np.zeros(d), 1.0), stage(1), stage(2), 1.0, 0.5)
-    kw = dict(n_paths=1500, dt=0.05, ts=[0.5, 1.0, 1.5], keep_paths=True)
-    many = simulate(model, jax.random.key(0), **kw)
-    one = simulate(model, jax.random.key(0), devices=jax.devices()[:1], **kw)
-    print("DIFF", float(np.max(np.abs(many.paths - one.paths))),
-          float(np.max(np.abs(many.cov - one.cov))), float(np.max(np.abs(many.mean - one.mean))))
-    """
-)
-
-
-@pytest.mark.slow
-def test_sharded_equals_single_device():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", _SHARD_SCRIPT], env=env, capture_output=True, text=True, timeout=280
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    line = [x for x in out.stdout.splitlines() if x.startswith("DIFF")][0]
-    diffs = [float(x) for x in line.split()[1:]]
-    assert max(diffs) < 1e-12, diffs
-
-
-# ---------------------------------------------------------------------------
-# Statistics and errors
-
-
-def test_block_moments_float32_keeps_digits():
-    r = np.random.default_rng(0)
-    n, d = 2**20, 4
-    x = (1000.0 + r.normal(size=(n, d)) * np.array([1.0, 2.0, 3.0, 0.1])).astype(np.float32)
-    m = block_moments(jnp.asarray(x).reshape(-1, BLOCK, d), jnp.ones((n // BLOCK, BLOCK)))
-    x64 = x.astype(np.float64)
-    mu = x64.mean(0)
-    m2 = (x64 - mu).T @ (x64 - mu)
-    assert m.mean.dtype == jnp.float32
-    # A few float32 ulps, where the raw-moment formula loses every digit.
-    assert np.max(np.abs(np.asarray(m.mean) - mu)) / 1000 < 1e-6
-    assert np.max(np.abs(np.asarray(m.m2) - m2)) / np.max(np.abs(m2)) < 1e-6
-
-
-def test_errors(model, key):
-    proc = model.pretrain.process
-    x0 = np.zeros(D)
-    with pytest.raises(ValueError, match="dt"):
-        simulate(model, key, n_paths=10, dt=0.0)
-    with pytest.raises(ValueError, match="dt"):
-        simulate(model, key, n_paths=10, dt=-1.0)
-    with pytest.raises(ValueError, match="n_paths"):
-        simulate(model, key, n_paths=1, dt=0.1)
-    with pytest.raises(ValueError, match="max_steps"):
-        simulate(model, key, n_paths=10, dt=1e-3, max_steps=100)
-    with pytest.raises(ValueError, match="method"):
-        simulate(model, key, n_paths=10, dt=0.1, method="rk4")
-    with pytest.raises(ValueError, match="ts"):
-        simulate(model, key, n_paths=10, dt=0.1, ts=[0.5, 2.0])
-    with pytest.raises(ValueError, match="ts"):
-        simulate(model, key, n_paths=10, dt=0.1, ts=[-0.1, 0.5])
-    with pytest.raises(ValueError, match="ts"):
-        simulate(model, key, n_paths=10, dt=0.1, ts=[1.0, 0.5])
-    inf = jaxou.TwoStage(model.init, model.pretrain, model.finetune, float("inf"), 1.0)
-    with pytest.raises(ValueError, match="t_pretrain"):
-        simulate(inf, key, n_paths=10, dt=0.1)
-    with pytest.raises(ValueError, match="t1"):
-        simulate(proc, key, n_paths=10, dt=0.1, t1=float("inf"), initial=x0)
-    with pytest.raises(ValueError, match="t1"):
-        simulate(proc, key, n_paths=10, dt=0.1, initial=x0)
-    with pytest.raises(ValueError, match="initial"):
-        simulate(proc, key, n_paths=10, dt=0.1, t1=1.0)
-    with pytest.raises(ValueError, match="t1 or initial"):
-        simulate(model, key, n_paths=10, dt=0.1, t1=1.0)
-    with pytest.raises(ValueError, match="chunk_size"):
-        simulate(model, key, n_paths=10, dt=0.1, chunk_size=0)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_counter_brownian_increments_are_normal(dtype):
-    """The fast generator: increments N(0, h), independent across steps and blocks."""
-    from jaxou._solvers import CounterBrownianPath
-
-    keys = jax.random.key_data(jax.random.split(jax.random.key(3), 8)).astype(jnp.uint32)
-    bm = CounterBrownianPath(keys, (BLOCK, 4), jnp.dtype(dtype), diffrax.SpaceTimeLevyArea)
-    h = 0.01
-    a = bm.evaluate(jnp.asarray(0.0, dtype), jnp.asarray(h, dtype), use_levy=True)
-    b = bm.evaluate(jnp.asarray(h, dtype), jnp.asarray(2 * h, dtype))
-    assert a.W.dtype == dtype and a.W.shape == (8 * BLOCK, 4)
-    samples = {
-        "W": np.ravel(a.W) / np.sqrt(h),
-        "H": np.ravel(a.H) / np.sqrt(h / 12),
-        "W'": np.ravel(b) / np.sqrt(h),
-    }
-    pvals = [scipy.stats.kstest(x, "norm").pvalue for x in samples.values()]
-    assert min(pvals) > ALPHA / len(pvals), pvals
-    # Uncorrelated across steps and between W and H: |r| within the Bonferroni bound.
-    n = samples["W"].size
-    for x, y in (("W", "W'"), ("W", "H")):
-        r = np.corrcoef(samples[x], samples[y])[0, 1]
-        assert abs(r) * np.sqrt(n) < _z_crit(2), (x, y, r)
-
-
-def test_monte_carlo_check_small(model, key):
-    from jaxou._simulate import monte_carlo_check
-
-    out = monte_carlo_check(model, key, n_paths=2048)
-    assert out["passed"], out
-    assert set(out["kl"]) == {"pretrained", "finetuned"}
-    assert out["kl"]["finetuned"] < out["kl_threshold"]
-
-
-# ---------------------------------------------------------------------------
 # Other solvers and Brownian paths, each against the exact law of its own chain
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    "method, brownian",
+    "name, brownian",
     [
-        ("heun", "fast"),
-        ("sea", "fast"),  # draws the space-time Lévy area H too
-        ("euler", "diffrax"),  # diffrax.UnsafeBrownianPath per block of paths
-        pytest.param("euler", "tree", marks=pytest.mark.slow),  # VirtualBrownianTree
-        pytest.param("heun", "tree", marks=pytest.mark.slow),
+        ("heun", jaxou.CounterBrownianPath),
+        ("sea", jaxou.CounterBrownianPath),  # draws the space-time Lévy area H too
+        ("euler", diffrax.UnsafeBrownianPath),  # one per block of paths
+        ("euler", diffrax.VirtualBrownianTree),
+        ("heun", diffrax.VirtualBrownianTree),
     ],
 )
-def test_solver_and_brownian_path_moments(model, key, method, brownian):
+def test_solver_and_brownian_path_moments(model, key, name, brownian):
     dt = 0.05
-    sim = simulate(model, key, n_paths=N, dt=dt, ts=TS, method=method, brownian=brownian)
-    _assert_moments(sim, _chain_laws(model, TS, dt, method))
+    solver = {"heun": diffrax.Heun(), "sea": diffrax.SEA(), "euler": jaxou.FusedEuler()}[name]
+    sim = jaxou.simulate(model, key, n_paths=N, dt=dt, ts=TS, solver=solver, brownian=brownian)
+    _assert_moments(sim, _chain_laws(model, TS, dt, name))
 
 
 # ---------------------------------------------------------------------------
 # Euler in the noise eigenbasis (the default fast path), float32 as benchmarked
 
 
-def _ou_chain_law(A, mu, G, x0, dt, steps):
-    d = len(mu)
-    M = np.eye(d) - dt * A
-    m, S = np.asarray(x0, np.float64) - mu, np.zeros((d, d))
+def _ou_chain_law(A, mu, G, m0, S0, dt, steps):
+    """The exact law of the Euler chain x' = x - dt A(x - μ) + G ΔW from N(m0, S0)."""
+    M = np.eye(len(mu)) - dt * A
+    m, S = np.asarray(m0, np.float64) - mu, np.asarray(S0, np.float64)
     for _ in range(steps):
         m, S = M @ m, M @ S @ M.T + dt * G @ G.T
     return m + mu, S
@@ -435,7 +571,15 @@ def _assert_moments_any(sim, mean, cov, n):
     assert np.max(np.abs(zs)) < _z_crit(zs.size), np.max(np.abs(zs))
 
 
-@pytest.mark.parametrize("case", ["commuting", "isotropic", "dense_unrolled", "dense_matmul"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param("commuting", marks=pytest.mark.slow),
+        pytest.param("isotropic", marks=pytest.mark.slow),
+        pytest.param("dense_unrolled", marks=pytest.mark.slow),  # also the growth test
+        pytest.param("dense_matmul", marks=pytest.mark.slow),
+    ],
+)
 def test_euler_eigenbasis_float32(case):
     from jaxou._solvers import noise_eigenbasis
 
@@ -458,10 +602,33 @@ def test_euler_eigenbasis_float32(case):
     proc = jaxou.OUProcess(f32(A), f32(mu), f32(G))
     x0 = np.zeros(d, np.float32)
     n, dt, steps = 4096, 0.05, 20
-    sim = simulate(proc, jax.random.key(5), n_paths=n, dt=dt, t1=dt * steps, initial=x0)
+    sim = jaxou.simulate(proc, jax.random.key(5), n_paths=n, dt=dt, t1=dt * steps, initial=x0)
     assert sim.mean.dtype == jnp.float32
     A64, mu64, G64 = (np.asarray(x, np.float64) for x in (f32(A), f32(mu), f32(G)))
-    _assert_moments_any(sim, *_ou_chain_law(A64, mu64, G64, x0, dt, steps), n)
+    _assert_moments_any(sim, *_ou_chain_law(A64, mu64, G64, x0, np.zeros((d, d)), dt, steps), n)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.float64, marks=pytest.mark.slow)])
+def test_counter_brownian_increments_are_normal(dtype):
+    """The fast generator: increments N(0, h), independent across steps and blocks."""
+    keys = jax.random.key_data(jax.random.split(jax.random.key(3), 8)).astype(jnp.uint32)
+    bm = jaxou.CounterBrownianPath(keys, (BLOCK, 4), jnp.dtype(dtype), diffrax.SpaceTimeLevyArea)
+    h = 0.01
+    a = bm.evaluate(jnp.asarray(0.0, dtype), jnp.asarray(h, dtype), use_levy=True)
+    b = bm.evaluate(jnp.asarray(h, dtype), jnp.asarray(2 * h, dtype))
+    assert a.W.dtype == dtype and a.W.shape == (8 * BLOCK, 4)
+    samples = {
+        "W": np.ravel(a.W) / np.sqrt(h),
+        "H": np.ravel(a.H) / np.sqrt(h / 12),
+        "W'": np.ravel(b) / np.sqrt(h),
+    }
+    pvals = [scipy.stats.kstest(x, "norm").pvalue for x in samples.values()]
+    assert min(pvals) > ALPHA / len(pvals), pvals
+    # Uncorrelated across steps and between W and H: |r| within the Bonferroni bound.
+    n = samples["W"].size
+    for x, y in (("W", "W'"), ("W", "H")):
+        r = np.corrcoef(samples[x], samples[y])[0, 1]
+        assert abs(r) * np.sqrt(n) < _z_crit(2), (x, y, r)
 
 
 # ---------------------------------------------------------------------------
@@ -493,7 +660,7 @@ def test_box_muller_f32_matches_float64_formula():
     assert np.max(rad) < 6.8  # the largest radius: sqrt(-2 ln 2^-33)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.float64, marks=pytest.mark.slow)])
 def test_paired_normals_law(dtype):
     """2^19 normals: KS, the first four moments, tail frequencies, the radius and
     angle laws of the pairs, and correlations between the two parts of a pair,
