@@ -7,7 +7,9 @@ import json
 import math
 
 import pytest
+from scipy.stats import spearmanr
 
+import jaxou
 from jaxou._cli import main
 from jaxou.experiments import EXPERIMENTS
 
@@ -47,6 +49,7 @@ def test_report_fields_present_and_finite(quick_run):
     _, out = quick_run
     r = json.loads((out / "report.json").read_text())
     grid = r["finetune_grid"]
+    n_t, delta = r["data"]["n_target_train"], r["settings"]["delta"]
     assert len(grid) >= 3 and sum(q["large_lr"] for q in grid) == 1
     for q in grid:
         for field in (
@@ -64,10 +67,21 @@ def test_report_fields_present_and_finite(quick_run):
         for field in ("cov_rel_frobenius", "kl_empirical_predicted", "mean_offset_se_max"):
             assert math.isfinite(q["ou_prediction"][field]), field
         assert 0 <= q["test_risk_q"] <= 1 and 0 <= q["train_risk_q"] <= 1
-        assert isinstance(q["bound_holds_q"], bool)
+        # Each derived number is what the reported inputs imply.
+        assert q["lr_over_b"] == pytest.approx(q["lr"] / q["batch_size"], rel=1e-12)
+        # (risks are float32 means over the seeds: rounding up to seeds × 2⁻²⁴)
+        rounding = r["settings"]["seeds"] * 2.0**-24
+        assert q["gap_sgd"] == pytest.approx(q["test_risk_sgd"] - q["train_risk_sgd"], abs=rounding)
+        assert q["t_finetune"] == pytest.approx(q["lr"] * q["steps"], rel=1e-12)
+        expected = jaxou.pac_bayes_bound(
+            q["kl_posterior_prior"], n_t, delta, empirical_risk=q["train_risk_q"], kind="kl"
+        )
+        assert q["bound_kl"] == pytest.approx(float(expected), rel=1e-9)
+        assert q["bound_holds_q"] == (q["test_risk_q"] <= q["bound_kl"])
     s = r["finetune_summary"]
-    for name in ("spearman_lr_over_b_vs_gap", "spearman_bound_vs_gap"):
-        assert -1 <= s[name]["rho"] <= 1
+    x, gap, bound = ([q[f] for q in grid] for f in ("lr_over_b", "gap_sgd", "bound_kl"))
+    assert s["spearman_lr_over_b_vs_gap"]["rho"] == pytest.approx(spearmanr(x, gap).statistic)
+    assert s["spearman_bound_vs_gap"]["rho"] == pytest.approx(spearmanr(bound, gap).statistic)
     assert math.isfinite(r["pretrain"]["ou_prediction"]["cov_rel_frobenius"])
     noise = r["dense_model"]["gradient_noise"]
     assert math.isfinite(noise["target_per_example_excess_kurtosis_max"])
