@@ -423,9 +423,9 @@ class _Advance(eqx.Module):
     bounds: Array  # [stages, 2]
     tols: Array  # [stages]
     euler_basis: tuple[Array, Array, Array] | None
-    solver: Any = eqx.field(static=True)
+    solver: diffrax.AbstractSolver  # may hold arrays: not static
+    controller: Any
     brownian: type = eqx.field(static=True)
-    controller: Any = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
 
     def __call__(self, y, s, ta, tb, k, flow, root):
@@ -545,8 +545,8 @@ def _run_chunk(
         grid["tol"].astype(dtype),
         euler_basis,
         solver,
-        brownian,
         controller,
+        brownian,
         max_steps,
     )
     n_int = grid["stage"].shape[0]

@@ -194,12 +194,12 @@ class ExactOU(diffrax.AbstractItoSolver):
     def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
         del solver_state, made_jump
         drift_term, diffusion = terms.terms
-        drift = drift_term.vector_field
-        if not isinstance(drift, OUDrift):
-            raise TypeError(
-                "ExactOU: the drift term's vector field must be a jaxou.OUDrift, got "
-                f"{type(drift).__name__}"
-            )
+        # The drift term's vector field (diffeqsolve may have wrapped the term).
+        is_drift = lambda x: isinstance(x, OUDrift)
+        drifts = [x for x in jtu.tree_leaves(drift_term, is_leaf=is_drift) if is_drift(x)]
+        if len(drifts) != 1:
+            raise TypeError("ExactOU: the drift term's vector field must be a jaxou.OUDrift")
+        drift = drifts[0]
         h = jnp.asarray(t1 - t0, y0.dtype)
         flow, root, h = self._matrices(drift, diffusion, t0, y0, args, h)
         dw = diffusion.contr(t0, t1)
