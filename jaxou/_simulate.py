@@ -137,13 +137,18 @@ class Simulation(eqx.Module):
         **Returns:** `(z_mean [s, d], z_cov [s, d, d])`.
         """
         laws = _as_laws(laws, "z_scores")
-        n = self.n_paths
-        var = jnp.diagonal(laws.cov, axis1=-2, axis2=-1)
-        se_mean = jnp.sqrt(var / n)
-        z_mean = jnp.where(se_mean > 0, (self.mean - laws.mean) / _nz(se_mean), 0.0)
-        se_cov = jnp.sqrt((var[..., :, None] * var[..., None, :] + laws.cov**2) / (n - 1))
-        z_cov = jnp.where(se_cov > 0, (self.cov - laws.cov) / _nz(se_cov), 0.0)
-        return z_mean, z_cov
+        return _z_scores(self.mean, self.cov, laws.mean, laws.cov, self.n_paths)
+
+
+@eqx.filter_jit
+def _z_scores(mean, cov, law_mean, law_cov, n: int):
+    # One compiled program (a dozen eager operations would each compile).
+    var = jnp.diagonal(law_cov, axis1=-2, axis2=-1)
+    se_mean = jnp.sqrt(var / n)
+    z_mean = jnp.where(se_mean > 0, (mean - law_mean) / _nz(se_mean), 0.0)
+    se_cov = jnp.sqrt((var[..., :, None] * var[..., None, :] + law_cov**2) / (n - 1))
+    z_cov = jnp.where(se_cov > 0, (cov - law_cov) / _nz(se_cov), 0.0)
+    return z_mean, z_cov
 
 
 def _as_laws(laws, where: str) -> Gaussian:
