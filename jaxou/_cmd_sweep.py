@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 
 from ._config import BOUND_KINDS
@@ -87,16 +86,17 @@ def grid_axes(config) -> dict[str, list[float]]:
 
 
 def _check_axes(axes: dict[str, list[float]]) -> None:
+    import numpy as np
+
     from ._config import ConfigError
+    from ._misc import check_range
     from ._sweep import _RANGES
 
     for name, values in axes.items():
-        lo, hi, lo_open, hi_open = _RANGES[name]
-        for x in values:
-            ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
-            if not (ok and math.isfinite(x)):
-                interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-                raise ConfigError(f"sweep.{name} values must lie in {interval}, got {x:g}")
+        try:
+            check_range(f"sweep.{name} values", np.asarray(values, float), *_RANGES[name])
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _fingerprint(config, axes, chunk: int) -> str:
