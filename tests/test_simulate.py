@@ -239,16 +239,17 @@ def test_exact_solver_alone_in_diffeqsolve():
 
 def test_chunks_merge_exactly_and_do_not_change_draws(model, key):
     """Chunking changes no draw: the merged statistics equal the one-chunk run, and
-    `simulate` is `plan_simulation` + `run_chunk` + `merge_chunks`."""
-    kw = dict(n_paths=1000, dt=0.05, ts=TS)
+    `simulate` is `plan_simulation` + `run_chunk` + `merge_chunks`. (The one-chunk
+    run has the shapes of test_euler_moments_and_no_recompile: no new compilation.)"""
+    kw = dict(n_paths=N - 24, dt=0.05, ts=TS)
     whole = jaxou.simulate(model, key, **kw)
-    chunked = jaxou.simulate(model, key, chunk_size=BLOCK, **kw)
+    chunked = jaxou.simulate(model, key, chunk_size=4 * BLOCK, **kw)
     np.testing.assert_allclose(chunked.mean, whole.mean, rtol=0, atol=1e-12)
     np.testing.assert_allclose(chunked.cov, whole.cov, rtol=0, atol=1e-12)
-    plan = plan_simulation(model, key, chunk_size=BLOCK, **kw)
-    assert plan.n_chunks == 4  # 1000 paths in chunks of 256
+    plan = plan_simulation(model, key, chunk_size=4 * BLOCK, **kw)
+    assert plan.n_chunks == 4
     parts = [run_chunk(plan, i) for i in reversed(range(plan.n_chunks))][::-1]
-    assert [int(p.moments.count) for p in parts] == [256, 256, 256, 232]
+    assert [int(p.moments.count) for p in parts] == [1024, 1024, 1024, 1000]
     again = merge_chunks(plan, parts)
     np.testing.assert_array_equal(again.mean, chunked.mean)
     np.testing.assert_array_equal(again.cov, chunked.cov)
