@@ -9,15 +9,19 @@ Options: `--blas-threads N|default` (default 1, see `_common.py` for why),
 
 Implementations, each timed on the same batch of problems:
 
-- `jaxou eigh`: `jax.jit(lambda A, Q: jaxou.lyapunov(A, Q, method="eigh"))`
+- `jaxou eigh`: `jax.jit(lambda A, Q: jaxou.lyapunov(A, Q, solver=jaxou.Eigh()))`
   (symmetric A; leading batch dimension, no Python loop).
-- `jaxou auto`: the same with the default `method="auto"` (under jit: a symmetry
-  check and a `lax.cond` over the eigh and general branches).
+- `jaxou auto`: the same with the default `solver=jaxou.AutoLyapunov()` (under jit:
+  a symmetry check and a `lax.cond` over the symmetric and general solvers).
 - `scipy loop`: `[scipy.linalg.solve_continuous_lyapunov(a, q) for a, q in ...]`.
 - `jax solve_sylvester (schur|eigen)`: `jax.jit(jax.scipy.linalg.solve_sylvester)`
   on the batch, with B = Aᵀ.
-- general A (non-symmetric, d <= 8 only): `jaxou sign`, `jaxou kron` against the
-  SciPy loop on the same non-symmetric problems.
+- general A (non-symmetric, d <= 8 only): `jaxou sign` (`jaxou.MatrixSign()`),
+  `jaxou kron` (`jaxou.Kronecker()`) against the SciPy loop on the same
+  non-symmetric problems.
+
+Every jaxou solver checks its own answer (a relative residual, two matrix products
+per problem) and the jitted calls raise if a check fails; that cost is in the times.
 
 Each (dtype, d, group) runs in its own child process with a timeout, so that a
 hang (seen on this 2-core machine with batched LAPACK calls running concurrently
@@ -87,11 +91,12 @@ def _child(kind: str, dtype: str, d: int, batch: int, repeats: int) -> dict:
 
     jitted = {}
     if kind == "jaxou":
-        jitted["jaxou eigh"] = jax.jit(lambda a, q: jaxou.lyapunov(a, q, method="eigh"))
+        jitted["jaxou eigh"] = jax.jit(lambda a, q: jaxou.lyapunov(a, q, solver=jaxou.Eigh()))
         jitted["jaxou auto"] = jax.jit(lambda a, q: jaxou.lyapunov(a, q))
     elif kind == "general":
-        jitted["jaxou sign"] = jax.jit(lambda a, q: jaxou.lyapunov(a, q, method="sign"))
-        jitted["jaxou kron"] = jax.jit(lambda a, q: jaxou.lyapunov(a, q, method="kron"))
+        sign, kron = jaxou.MatrixSign(), jaxou.Kronecker()
+        jitted["jaxou sign"] = jax.jit(lambda a, q: jaxou.lyapunov(a, q, solver=sign))
+        jitted["jaxou kron"] = jax.jit(lambda a, q: jaxou.lyapunov(a, q, solver=kron))
     else:  # "schur" or "eigen"
         method = kind
         jitted[f"jax solve_sylvester ({method})"] = jax.jit(

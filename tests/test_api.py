@@ -10,7 +10,7 @@ import types
 import jaxou
 
 CONTRACT = {
-    "lyapunov": ["A", "Q", "method"],
+    "lyapunov": ["A", "Q", "solver"],
     "Gaussian": ["mean", "cov"],
     "kl": ["p", "q"],
     "w2": ["p", "q"],
