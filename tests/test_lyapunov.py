@@ -157,7 +157,8 @@ def _fd_check(f, x, rng, rtol=1e-6):
         assert abs(an - fd) <= rtol * max(abs(fd), 1e-8), (an, fd)
 
 
-@pytest.mark.parametrize("solver", [Eigh(), MatrixSign(), Kronecker(), AutoLyapunov()], ids=_name)
+# AutoLyapunov's derivatives (through its lax.cond) are in test_forward_mode_and_jit_grad.
+@pytest.mark.parametrize("solver", [Eigh(), MatrixSign(), Kronecker()], ids=_name)
 def test_grad_against_finite_differences(rng, solver):
     d = 5
     symmetric = isinstance(solver, Eigh)

@@ -116,8 +116,13 @@ class AbstractLyapunovSolver(eqx.Module):
         **Returns:**
 
         A [`jaxou.LyapunovSolution`][]: the solution, its result code and its
-        relative residual. Never raises for a bad value of `A` (an unstable or
-        ill-conditioned matrix); that is what the result code is for.
+        relative residual.
+
+        **Raises:**
+
+        `ValueError`/`TypeError` for inputs of the wrong kind or shape, or with
+        non-finite entries (when the values are concrete). Never for an unstable or
+        ill-conditioned `A`: that is what the result code is for.
         """
 
 
