@@ -1,0 +1,227 @@
+r"""A symmetric low-rank matrix $X = Z K Z^\top$ built block by block and compressed
+in place: the memory-bounded core of the large-scale solvers
+([`jaxou.LowRankADI`][] and [`jaxou.finite_time_cov`][]).
+
+The factor $Z$ (`[d, N]`) is kept as a list of panels (`[d, P]` arrays), so that
+appending a block never copies what is already there and every product over $d$
+touches only the columns in use. Alongside it the small matrices are kept in
+float64 NumPy: the core $K$, the Gram matrix $G = Z^\top Z$ and, where truncation
+is measured in the residual of a Lyapunov equation, $G_2 = (HZ)^\top(HZ)$. Each
+append costs one pass over the old panels ($O(dNP)$); nothing is orthogonalised
+until a compression.
+
+**Compression** (column compression by the Gram matrix, with a shift). With
+$G = E\,\mathrm{diag}(g)\,E^\top$ and $s = N\varepsilon\max g$, let
+$B = E\,\mathrm{diag}(g+s)^{-1/2}$; then $Q_1 = ZB$ has singular values
+$\sqrt{g/(g+s)} \le 1$ and $X = Q_1 K_1 Q_1^\top$ *exactly*, with
+$K_1 = B^{-1}KB^{-\top}$. The eigendecomposition $K_1 = P\,\mathrm{diag}(\theta)P^\top$
+gives $X = Y\mathrm{diag}(\theta)Y^\top$ with $Y = ZBP$, columns of norm at most 1.
+Dropping a set $D$ of directions changes $X$ by $E = Y_D\theta_DY_D^\top$, and
+
+- $\|E\|_F \le \|Y\|_2\,(\sum_{i\in D}\theta_i^2\|y_i\|^2)^{1/2}$,
+- $\|HE + EH\|_F \le 2\|Y\|_2\,(\sum_{i\in D}\theta_i^2\|Hy_i\|^2)^{1/2}$,
+
+both computed from $G$ and $G_2$ without touching $d$. Directions are dropped in
+increasing order of that score while the bound stays within the budget. The
+shift replaces the usual rank decision on the Gram matrix (which would drop
+directions below $\sqrt\varepsilon$ of the largest and lose about $\sqrt\varepsilon$
+of $X$): nothing is dropped on account of $G$, only on account of $\theta$, and the
+representation stays accurate to about $\varepsilon\|Z\|^2\|K\|$. The new factor
+$ZR$ ($R = BP$, kept columns) overwrites the panels in place, row block by row
+block, so that a compression needs no second copy of $Z$.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array
+
+__all__ = ["LowRankAccumulator", "hessian_mv", "lowrank_fro"]
+
+_ROW_CHUNK = 4096  # rows per step of the in-place rotation
+
+
+def hessian_mv(h: Array, U: Array, lam: Array, x: Array) -> Array:
+    """(diag(h) + U Λ Uᵀ) x for a block x [d, n]."""
+    return h[:, None] * x + U @ (lam @ (U.T @ x))
+
+
+def lowrank_fro(gram: np.ndarray, core: np.ndarray) -> float:
+    r"""$\|Z S Z^\top\|_F$ from the Gram matrix $G = Z^\top Z$ and the core $S$:
+    $\|G^{1/2} S G^{1/2}\|_F$, a sum of squares (no cancellation for an indefinite
+    $S$)."""
+    if gram.size == 0:
+        return 0.0
+    g, E = np.linalg.eigh(0.5 * (gram + gram.T))
+    root = (E * np.sqrt(np.clip(g, 0, None))) @ E.T
+    return float(np.linalg.norm(root @ core @ root))
+
+
+@jax.jit
+def _cross(panel: Array, block: Array) -> Array:
+    return panel.T @ block
+
+
+@jax.jit
+def _self_terms(block: Array, h: Array, U: Array, lam: Array):
+    """Hᵀ-side terms of a new panel p: [p, H²p], pᵀp and (Hp)ᵀ(Hp)."""
+    Hp = hessian_mv(h, U, lam, block)
+    H2p = hessian_mv(h, U, lam, Hp)
+    return jnp.concatenate([block, H2p], axis=1), block.T @ block, Hp.T @ Hp
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="n_out")
+def _rotate(panels: tuple[Array, ...], R: Array, n_out: int) -> tuple[Array, ...]:
+    """The first `n_out` panels ← (concatenated panels) @ R (R has n_out·P columns),
+    in place, row block by row block. All panels come back (the others unchanged),
+    so that every donated buffer is reused."""
+    d, P = panels[0].shape
+    chunk = min(_ROW_CHUNK, d)
+
+    def rotate_rows(ps, start, size):
+        rows = jnp.concatenate([lax.dynamic_slice_in_dim(p, start, size, 0) for p in ps], 1)
+        new = rows @ R
+        out = [
+            lax.dynamic_update_slice_in_dim(ps[j], new[:, j * P : (j + 1) * P], start, 0)
+            for j in range(n_out)
+        ]
+        return tuple(out) + tuple(ps[n_out:])
+
+    n_full = d // chunk
+    panels = lax.fori_loop(0, n_full, lambda i, ps: rotate_rows(ps, i * chunk, chunk), panels)
+    if d % chunk:
+        panels = rotate_rows(panels, n_full * chunk, d % chunk)
+    return panels
+
+
+class LowRankAccumulator:
+    r"""$X = ZKZ^\top$ with $Z$ in panels of `panel` columns (see the module
+    docstring). A plain mutable Python object for the eager loops of the
+    large-scale solvers, never traced.
+
+    `hessian = (h, U, Λ)` also keeps $G_2 = (HZ)^\top(HZ)$ for truncation measured
+    in the residual $\|HE + EH\|_F$; without it truncation is measured in
+    $\|E\|_F$.
+    """
+
+    def __init__(self, dim: int, dtype, panel: int, hessian: tuple | None = None):
+        self.dim, self.dtype, self.panel, self.hessian = dim, dtype, panel, hessian
+        self.panels: list[Array] = []
+        self.core = np.zeros((0, 0))
+        self.gram = np.zeros((0, 0))
+        self.gram2 = np.zeros((0, 0)) if hessian is not None else None
+        self.rank = 0  # columns in use after the last compression
+
+    @property
+    def width(self) -> int:
+        """The number of columns N held (panels times panel width)."""
+        return len(self.panels) * self.panel
+
+    def append(self, block: Array, core: np.ndarray) -> None:
+        """X ← X + V T Vᵀ for a block V [d, n] (any n) and its core T [n, n]."""
+        n = block.shape[1]
+        n_pad = -n % self.panel
+        block = jnp.pad(block.astype(self.dtype), ((0, 0), (0, n_pad)))
+        core = np.pad(np.asarray(core, np.float64), ((0, n_pad), (0, n_pad)))
+        for j in range(block.shape[1] // self.panel):
+            self._append_panel(block[:, j * self.panel : (j + 1) * self.panel])
+        self.core[-core.shape[0] :, -core.shape[0] :] += core
+
+    def _append_panel(self, p: Array) -> None:
+        N, P = self.width, self.panel
+        if self.hessian is not None:
+            both, pp, hh = _self_terms(p, *self.hessian)
+        else:
+            both, pp, hh = p, p.T @ p, None
+        cross = np.zeros((N, both.shape[1]))
+        for i, old in enumerate(self.panels):
+            cross[i * P : (i + 1) * P] = np.asarray(_cross(old, both), np.float64)
+        self.panels.append(p)
+        self.gram = _grow(self.gram, cross[:, :P], pp)
+        if self.gram2 is not None:
+            self.gram2 = _grow(self.gram2, cross[:, P:], hh)
+        self.core = np.pad(self.core, ((0, P), (0, P)))
+
+    def fro(self) -> float:
+        """‖Z K Zᵀ‖_F."""
+        return lowrank_fro(self.gram, self.core)
+
+    def compress(self, budget: float, *, residual: bool, max_width: int | None = None) -> float:
+        """Drop directions while the error bound stays within `budget` (measured in
+        ‖HE + EH‖_F if `residual`, else in ‖E‖_F), and in any case down to
+        `max_width` columns; rotate the panels in place and leave the core
+        diagonal. Returns the bound on what was dropped."""
+        if self.width == 0:
+            return 0.0
+        R, theta, score, ynorm = self._eigen_directions(residual)
+        order = np.argsort(score, kind="stable")
+        factor = (2.0 if residual else 1.0) * ynorm
+        bound = factor * np.sqrt(np.cumsum(score[order]))
+        n_drop = int(np.searchsorted(bound, budget, side="right"))
+        if max_width is not None:
+            n_drop = max(n_drop, self.width - max_width)
+        dropped = float(bound[n_drop - 1]) if n_drop else 0.0
+        keep = np.sort(order[n_drop:])
+        self._rotate_to(R[:, keep], theta[keep])
+        return dropped
+
+    def _eigen_directions(self, residual: bool):
+        """R, θ with X = (ZR) diag(θ) (ZR)ᵀ, the score θ²‖y‖² (or θ²‖Hy‖²) of each
+        column y of ZR, and ‖ZR‖₂ (at least 1)."""
+        R, theta = _directions(self.gram, self.core)
+        yy = _sym(R.T @ self.gram @ R)
+        ynorm = float(np.sqrt(max(np.linalg.eigvalsh(yy).max(), 1.0)))
+        weights = np.diag(R.T @ self.gram2 @ R) if residual else np.diag(yy)
+        return R, theta, theta**2 * np.clip(weights, 0, None), ynorm
+
+    def _rotate_to(self, R: np.ndarray, theta: np.ndarray) -> None:
+        r, P = R.shape[1], self.panel
+        n_out = -(-r // P)
+        R_pad = np.pad(R, ((0, 0), (0, n_out * P - r)))
+        if n_out:
+            panels = _rotate(tuple(self.panels), jnp.asarray(R_pad, self.dtype), n_out)
+            self.panels = list(panels[:n_out])
+        else:
+            self.panels = []
+        self.rank = r
+        self.core = np.diag(np.pad(theta, (0, n_out * P - r)))
+        self.gram = _sym(R_pad.T @ self.gram @ R_pad)
+        if self.gram2 is not None:
+            self.gram2 = _sym(R_pad.T @ self.gram2 @ R_pad)
+
+    def factor(self) -> tuple[Array, np.ndarray]:
+        """(Z, θ) right after a compression: Z [d, r] without the padding columns,
+        θ [r] the diagonal of the core. One copy of Z (the panels are released):
+        peak memory 2r columns."""
+        r, theta, P = self.rank, np.diag(self.core)[: self.rank], self.panel
+        if r == 0:
+            self.panels = []
+            return jnp.zeros((self.dim, 0), self.dtype), theta
+        n_full, rest = divmod(r, P)
+        parts = self.panels[:n_full] + ([self.panels[n_full][:, :rest]] if rest else [])
+        self.panels = []
+        return jnp.concatenate(parts, axis=1), theta
+
+
+def _directions(gram: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One pass of the shifted Gram compression (module docstring): R = B P, θ."""
+    g, E = np.linalg.eigh(_sym(gram))
+    g = np.clip(g, 0, None)
+    s = g.shape[0] * np.finfo(np.float64).eps * max(float(g.max()), np.finfo(float).tiny)
+    root = np.sqrt(g + s)
+    theta, P = np.linalg.eigh(_sym((E.T @ core @ E) * root[:, None] * root[None, :]))
+    return (E / root) @ P, theta
+
+
+def _grow(gram: np.ndarray, cross: np.ndarray, new: Array) -> np.ndarray:
+    new = np.asarray(new, np.float64)
+    return np.block([[gram, cross], [cross.T, _sym(new)]])
+
+
+def _sym(M: np.ndarray) -> np.ndarray:
+    return 0.5 * (M + M.T)
