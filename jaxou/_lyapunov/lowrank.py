@@ -148,8 +148,9 @@ class LowRankAccumulator:
         self.core = np.pad(self.core, ((0, P), (0, P)))
 
     def fro(self) -> float:
-        """‖Z K Zᵀ‖_F."""
-        return lowrank_fro(self.gram, self.core)
+        """‖Z K Zᵀ‖_F = tr(KGKG)^{1/2} (for tolerances: no eigendecomposition)."""
+        KG = self.core @ self.gram
+        return float(np.sqrt(max(float(np.sum(KG * KG.T)), 0.0)))
 
     def compress(self, budget: float, *, residual: bool, max_width: int | None = None) -> float:
         """Drop directions while the error bound stays within `budget` (measured in
@@ -172,11 +173,18 @@ class LowRankAccumulator:
 
     def _eigen_directions(self, residual: bool):
         """R, θ with X = (ZR) diag(θ) (ZR)ᵀ, the score θ²‖y‖² (or θ²‖Hy‖²) of each
-        column y of ZR, and ‖ZR‖₂ (at least 1)."""
-        R, theta = _directions(self.gram, self.core)
-        yy = _sym(R.T @ self.gram @ R)
-        ynorm = float(np.sqrt(max(np.linalg.eigvalsh(yy).max(), 1.0)))
-        weights = np.diag(R.T @ self.gram2 @ R) if residual else np.diag(yy)
+        column y of ZR, and ‖ZR‖₂ (at least 1; by power iteration on RᵀGR, which
+        the shift keeps within rounding of 1)."""
+        R, theta = _directions(self.gram, self.core, float(np.finfo(self.dtype).eps))
+        GR = self.gram @ R
+        yy = np.sum(R * GR, axis=0)
+        v = np.random.default_rng(0).standard_normal(R.shape[1])
+        for _ in range(30):
+            w = R.T @ (GR @ v)
+            top = float(np.linalg.norm(w))
+            v = w / max(top, np.finfo(float).tiny)
+        ynorm = float(np.sqrt(max(1.01 * top, 1.0)))
+        weights = np.sum(R * (self.gram2 @ R), axis=0) if residual else yy
         return R, theta, theta**2 * np.clip(weights, 0, None), ynorm
 
     def _rotate_to(self, R: np.ndarray, theta: np.ndarray) -> None:
@@ -208,11 +216,12 @@ class LowRankAccumulator:
         return jnp.concatenate(parts, axis=1), theta
 
 
-def _directions(gram: np.ndarray, core: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One pass of the shifted Gram compression (module docstring): R = B P, θ."""
+def _directions(gram: np.ndarray, core: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """One pass of the shifted Gram compression (module docstring): R = B P, θ;
+    `eps` is the machine epsilon of the factor's dtype (the Gram matrix's accuracy)."""
     g, E = np.linalg.eigh(_sym(gram))
     g = np.clip(g, 0, None)
-    s = g.shape[0] * np.finfo(np.float64).eps * max(float(g.max()), np.finfo(float).tiny)
+    s = g.shape[0] * eps * max(float(g.max()), np.finfo(float).tiny)
     root = np.sqrt(g + s)
     theta, P = np.linalg.eigh(_sym((E.T @ core @ E) * root[:, None] * root[None, :]))
     return (E / root) @ P, theta
