@@ -17,24 +17,31 @@ HELP = "run a real-data study: estimate H, C, θ* and test the OU predictions ag
 DESCRIPTION = """\
 Run a real-data study end to end:
 
-  1. train a small model to its minimum with Optax on a source and a target domain
+  1. train a model to its minimum with Optax on a source and a target domain
      (data shipped inside scikit-learn; nothing is downloaded),
-  2. measure the Hessian H, the per-example gradient covariance C and θ* of both,
+  2. measure the Hessian H, the per-example gradient covariance C and θ* of both
+     (dense matrices, or operators for a network of 126,090 parameters),
   3. run real SGD over many seeds at once (pre-train on the source, fine-tune on the
-     target over a grid of lr/B, one large-lr point included),
-  4. compare SGD's laws with the OU predictions (covariance error, KL, mean offset in
-     standard errors), the generalization gap with lr/B and with the PAC-Bayes bound
-     (0-1 loss, held-out target data), and say where the OU model fails.
+     target over a grid of lr and B),
+  4. compare SGD's laws with the OU predictions, the generalization gap with the
+     PAC-Bayes bound and the domain discrepancy (0-1 loss, held-out target data),
+     and say where the OU model fails.
 
-Writes into the output directory (default results/experiment-NAME/):
-  report.json             every number (strict JSON)
-  covariances.png         empirical against predicted covariance spectra and ellipses
-  gap_vs_lr_over_b.png    generalization gap against lr/B
-  bound_vs_gap.png        the bound against the gap
+The studies:
+  digits       logistic regression and a small MLP on PCA features (dense path);
+               writes report.json, covariances.png, gap_vs_lr_over_b.png,
+               bound_vs_gap.png
+  digits-mlp   a tanh MLP of 126,090 parameters on the raw pixels, operators only
+               (no d x d matrix): variances along top-Hessian and random directions,
+               bound and discrepancy against the gap over 12 (lr, B), time and peak
+               memory of each step; writes report.json, digits_mlp.png
+
+Writes into the output directory (default results/experiment-NAME/).
 
 examples:
   jaxou experiment --list
   jaxou experiment digits --quick --out /tmp/digits
+  jaxou experiment digits-mlp --quick --out /tmp/digits-mlp
 """
 
 
@@ -42,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", metavar="NAME", help="the study to run (see --list)")
     parser.add_argument("--list", action="store_true", help="list the studies and exit")
     parser.add_argument(
-        "--quick", action="store_true", help="a small version (under a minute; for tests)"
+        "--quick", action="store_true", help="a small version (about a minute; for tests)"
     )
     parser.add_argument(
         "--out", metavar="DIR", help="output directory (default results/experiment-NAME)"

@@ -284,7 +284,7 @@ def test_compiled_programs_do_not_grow_with_the_sample(key):
     for n in (64, 4096):
         X, Y = _classes(np.random.default_rng(n), n, P, K)
         theta, unravel = flatten_params({"W": jnp.zeros((P, K)), "b": jnp.zeros(K)})
-        obj = make_objective(_loss, unravel, (X, Y), 4096, theta.dtype)
+        obj = make_objective(_loss, unravel, (X, Y), 4096, theta.dtype, theta.size)
         matvec = _hessian._HessianMatvec(obj, theta)
         texts = (
             _hessian._dense_hessian.lower(matvec).as_text(),

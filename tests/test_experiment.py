@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
@@ -35,6 +36,7 @@ def _numbers(x, path=""):
         yield path, x
 
 
+@pytest.mark.slow
 def test_quick_run_writes_report_and_figures(quick_run):
     code, out = quick_run
     assert code == 0
@@ -45,6 +47,7 @@ def test_quick_run_writes_report_and_figures(quick_run):
     assert report["experiment"] == "digits"
 
 
+@pytest.mark.slow
 def test_report_fields_present_and_finite(quick_run):
     _, out = quick_run
     r = json.loads((out / "report.json").read_text())
@@ -106,3 +109,81 @@ def test_unknown_experiment_and_list(capsys, tmp_path):
     assert main(["experiment", "--list"]) == 0
     assert "digits" in capsys.readouterr().out
     assert main(["experiment"]) == 2
+
+
+# ---------------------------------------------------------------------------
+# digits-mlp
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits_mlp") / "out"
+    code = main(["experiment", "digits-mlp", "--quick", "--quiet", "--out", str(out)])
+    return code, out
+
+
+def test_compare_variances_against_exact_draws(rng):
+    """Draws from the predicted law itself: each variance ratio's z-score is about
+    N(0, 1) (S = 4000 draws: the chi-square's skewness is negligible), |z| < 4.5 for
+    12 directions fails with probability ~1e-4; the reported ratio is empirical /
+    predicted and the predicted variance is vᵀΣv."""
+    from jaxou.experiments.digits_mlp import compare_variances
+
+    d, S = 6, 4000
+    A = rng.standard_normal((d, d))
+    cov = A @ A.T / d + 0.1 * np.eye(d)
+    mean = rng.standard_normal(d)
+    law = jaxou.Gaussian(mean, cov)
+    samples = mean + rng.standard_normal((S, d)) @ np.linalg.cholesky(cov).T
+    V = rng.standard_normal((d, 12))
+    V /= np.linalg.norm(V, axis=0)
+    out = compare_variances(samples, law, V)
+    np.testing.assert_allclose(out["predicted"], np.einsum("ij,ik,kj->j", V, cov, V), rtol=1e-12)
+    np.testing.assert_allclose(out["ratio"], out["empirical"] / out["predicted"], rtol=1e-14)
+    assert out["sampling_floor_relative_sd"] == pytest.approx(math.sqrt(2 / (S - 1)))
+    assert out["z_abs_max"] < 4.5
+    assert out["mean_offset_se_abs_max"] < 4.5
+
+
+@pytest.mark.slow
+def test_digits_mlp_quick_report(mlp_run):
+    """The quick run's report: every derived number is what its reported inputs
+    imply (sizes, schedules, gaps, ratios, the kl-bound, the Spearman correlations),
+    and each step carries its time and the process's peak memory."""
+    from jaxou.experiments.digits_mlp import SIZES
+
+    code, out = mlp_run
+    assert code == 0
+    assert (out / "digits_mlp.png").read_bytes()[:8] == PNG_MAGIC
+    r = json.loads((out / "report.json").read_text())
+    size = SIZES["quick"]
+    h1, h2 = size["hidden"]
+    assert r["dim"] == 64 * h1 + h1 + h1 * h2 + h2 + h2 * 10 + 10
+    peaks = [s["peak_rss_mb"] for s in r["steps"]]
+    assert all(s["seconds"] > 0 for s in r["steps"]) and peaks == sorted(peaks)
+    grid = r["finetune_grid"]
+    assert len(grid) == len(size["grid_lr"]) * len(size["grid_batch"])
+    n_t, S = r["target_stage"]["n_examples"], r["settings"]["seeds"]
+    for q in grid:
+        assert q["lr_over_b"] == pytest.approx(q["lr"] / q["batch_size"], rel=1e-12)
+        assert q["t_finetune"] == pytest.approx(q["lr"] * q["steps"], rel=1e-12)
+        assert q["gap_sgd"] == pytest.approx(q["test_risk_sgd"] - q["train_risk_sgd"], abs=1e-12)
+        assert q["law_error"] is None and q["bound_error"] is None
+        expected = jaxou.pac_bayes_bound(
+            q["finetune_kl"],
+            n_t,
+            r["settings"]["delta"],
+            empirical_risk=q["train_risk_sgd"],
+            kind="kl",
+        )
+        assert q["finetune_bound"] == pytest.approx(float(expected), rel=1e-9)
+        for name in ("top_hessian", "random"):
+            v = q[f"variance_{name}"]
+            assert v["sampling_floor_relative_sd"] == pytest.approx(math.sqrt(2 / (S - 1)))
+    s = r["finetune_summary"]
+    gap = [q["gap_sgd"] for q in grid]
+    for field in ("lr_over_b", "finetune_kl", "discrepancy"):
+        rho = spearmanr([q[field] for q in grid], gap).statistic
+        assert s[f"spearman_{field}_vs_gap"]["rho"] == pytest.approx(rho)
+    v = r["pretrain"]["variance_random"]
+    np.testing.assert_allclose(v["ratio"], np.array(v["empirical"]) / np.array(v["predicted"]))

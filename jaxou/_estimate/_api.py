@@ -13,7 +13,7 @@ from .._operator import AbstractOperator
 from .._sgd import SGDStage
 from ._hessian import AbstractHessianEstimator, HessianEstimate
 from ._noise import AbstractNoiseEstimator, _per_example_grads
-from ._objective import DEFAULT_CHUNK, LossFn, Objective, flatten_params, make_objective
+from ._objective import LossFn, Objective, flatten_params, make_objective
 from ._train import grad_norm, train_to_minimum
 
 __all__ = [
@@ -27,7 +27,7 @@ __all__ = [
 
 def _setup(loss_fn, params, data, chunk_size) -> tuple[Objective, Array]:
     theta, unravel = flatten_params(params)
-    return make_objective(loss_fn, unravel, data, chunk_size, theta.dtype), theta
+    return make_objective(loss_fn, unravel, data, chunk_size, theta.dtype, theta.size), theta
 
 
 def _check_estimator(name, estimator, kind, key, *sizes) -> None:
@@ -59,7 +59,7 @@ def estimate_hessian(
     estimator: AbstractHessianEstimator,
     *,
     key: PRNGKeyArray | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> AbstractOperator:
     r"""The Hessian $H = \nabla^2 L(\theta)$ of the mean training loss
     $L(\theta) = \frac1N\sum_i\ell(\theta; x_i, y_i)$ at `params`, in the flattened
@@ -76,7 +76,9 @@ def estimate_hessian(
       [`jaxou.DiagonalPlusLowRank`][]; may warn, see its rule for unresolved
       diagonal entries).
     - `key`: for randomized estimators.
-    - `chunk_size`: examples per chunk (memory of a Hessian-vector product).
+    - `chunk_size`: examples per chunk of every sum over examples; `None` (default)
+      takes as many as keep a `[chunk, d]` block of per-example gradients under
+      $2^{25}$ numbers (256 MB in float64).
 
     **Returns:** the operator. [`jaxou.estimate_stage`][] also returns the
     standard errors of a Lanczos Hessian's diagonal.
@@ -95,7 +97,7 @@ def estimate_noise_cov(
     estimator: AbstractNoiseEstimator,
     *,
     key: PRNGKeyArray | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> AbstractOperator:
     r"""The per-example gradient covariance $C = \frac1N\sum_i(g_i-\bar g)
     (g_i-\bar g)^\top$, $g_i = \nabla\ell(\theta; x_i, y_i)$, at `params`, as an
@@ -123,7 +125,7 @@ def estimate_noise_cov(
 
 
 def per_example_grads(
-    loss_fn: LossFn, params, data, *, chunk_size: int = DEFAULT_CHUNK
+    loss_fn: LossFn, params, data, *, chunk_size: int | None = None
 ) -> Float[Array, "n d"]:
     r"""The per-example gradients $g_i = \nabla\ell(\theta; x_i, y_i)$, `[N, d]`,
     in the flattened coordinates, computed one chunk of `chunk_size` examples at a
@@ -167,7 +169,7 @@ def estimate_stage(
     train_steps: int = 500,
     optimizer: optax.GradientTransformation | None = None,
     key: PRNGKeyArray | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> StageEstimate:
     r"""Measure one SGD stage: train to the minimum (`train_steps` full-batch steps
     of `optimizer`, default L-BFGS; `train_steps=0` takes `params` as the

@@ -51,6 +51,31 @@ def centred_grads(objective: Objective, theta: Array) -> Array:
     return (G - jnp.mean(G, 0)) / math.sqrt(objective.n_examples)
 
 
+@eqx.filter_jit
+def _exact_factor(objective: Objective, theta: Array) -> Array:
+    """Z = G_cᵀ/√N, `[d, N]`: the mean gradient in one streamed pass, then each
+    chunk centred, scaled and transposed as it is computed (G is never held
+    uncentred beside Z)."""
+    n = objective.n_examples
+    mean = _mean_grad(objective, theta)
+
+    def chunk(c):
+        g, mask = objective.chunk_grads(theta, *c)
+        return ((g - mean) * (mask / math.sqrt(n))[:, None]).T
+
+    Z = jax.lax.map(chunk, (objective.x, objective.y, objective.weight))  # [chunks, d, chunk]
+    return jnp.moveaxis(Z, 0, 1).reshape(theta.size, -1)[:, :n]
+
+
+def _mean_grad(objective: Objective, theta: Array) -> Array:
+    """ḡ = (1/N) Σ g_i, one chunk at a time."""
+    total = objective.over_chunks(
+        lambda x, y, w: jnp.sum(objective.chunk_grads(theta, x, y, w)[0], 0),
+        jnp.zeros_like(theta),
+    )
+    return total / objective.n_examples
+
+
 class AbstractNoiseEstimator(eqx.Module):
     r"""How [`jaxou.estimate_noise_cov`][] measures the per-example gradient
     covariance $C$: [`jaxou.DenseNoise`][], [`jaxou.ExactNoise`][] or
@@ -117,8 +142,7 @@ class ExactNoise(AbstractNoiseEstimator):
         pass
 
     def estimate(self, objective, theta, key):
-        Z = centred_grads(objective, theta)
-        return DiagonalPlusLowRank(jnp.zeros_like(theta), Z.T)
+        return DiagonalPlusLowRank(jnp.zeros_like(theta), _exact_factor(objective, theta))
 
 
 class SketchedNoise(AbstractNoiseEstimator):
@@ -202,13 +226,7 @@ def _cov_pass(objective: Objective, theta: Array, mean: Array, Q: Array):
 
 @eqx.filter_jit
 def _sketch(objective, theta, omega, rank, power_iterations):
-    mean = (
-        objective.over_chunks(
-            lambda x, y, w: jnp.sum(objective.chunk_grads(theta, x, y, w)[0], 0),
-            jnp.zeros_like(theta),
-        )
-        / objective.n_examples
-    )
+    mean = _mean_grad(objective, theta)
     Y, cdiag = _cov_pass(objective, theta, mean, omega)
 
     def power(_, Y):

@@ -28,9 +28,10 @@ __all__ = ["Objective", "Unravel", "check_data", "flatten_params", "make_objecti
 
 LossFn = Callable[[Any, Any, Any], Array]
 
-# Examples per chunk (per-example gradients and Hessian-vector products); the
-# largest block of per-example gradients held at once is [CHUNK, d].
-DEFAULT_CHUNK = 128
+# With chunk_size=None, a chunk holds as many examples as fit a [chunk, d] block of
+# per-example gradients of this many numbers (256 MB in float64): d = 126,090 gives
+# chunks of 266 examples, d = 2,000 chunks of 16,777 (every sample of that size in one).
+CHUNK_NUMBERS = 2**25
 
 
 class Unravel(eqx.Module):
@@ -146,14 +147,19 @@ class Objective(eqx.Module):
         return g * mask[:, None], mask
 
 
-def make_objective(loss_fn: LossFn, unravel: Unravel, data, chunk_size: int, dtype) -> Objective:
+def make_objective(
+    loss_fn: LossFn, unravel: Unravel, data, chunk_size: int | None, dtype, dim: int
+) -> Objective:
     """The [`Objective`][] of `loss_fn` on `data` in chunks of at most `chunk_size`
-    examples (as few chunks as that allows, of equal size), with weights of the
+    examples (`None`: as many as keep a `[chunk, dim]` block under `CHUNK_NUMBERS`
+    numbers), as few chunks as that allows, of equal size, with weights of the
     parameters' `dtype`."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_NUMBERS // dim)
     if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
     x, y = check_data(data)
     n = x.shape[0]
     n_chunks = math.ceil(n / chunk_size)

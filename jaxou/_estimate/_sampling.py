@@ -87,7 +87,9 @@ def sample_sgd(
     if not isinstance(unravel, Unravel):
         unravel = _Wrapped(unravel)
     x, y = check_data(data)
-    objective = make_objective(loss_fn, unravel, (x, y), x.shape[0], initial.dtype)
+    objective = make_objective(
+        loss_fn, unravel, (x, y), x.shape[0], initial.dtype, initial.shape[1]
+    )
     keys = jax.random.split(key, initial.shape[0])
     lr = jnp.asarray(lr, initial.dtype)
     return _sample_sgd(objective, initial, lr, batch_size, jnp.asarray(steps), keys)

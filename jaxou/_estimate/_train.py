@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, PRNGKeyArray
 
-from ._objective import DEFAULT_CHUNK, LossFn, Objective, flatten_params, make_objective
+from ._objective import LossFn, Objective, flatten_params, make_objective
 
 __all__ = ["Minimum", "train_to_minimum", "grad_norm"]
 
@@ -41,7 +41,7 @@ def train_to_minimum(
     steps: int = 500,
     batch_size: int | None = None,
     key: PRNGKeyArray | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> Minimum:
     r"""Minimise $L(\theta) = \frac1N\sum_i\ell(\theta; x_i, y_i)$ with Optax.
 
@@ -60,7 +60,7 @@ def train_to_minimum(
     - `batch_size`: `None` for the full batch; otherwise mini-batches drawn
       uniformly with replacement from `key`.
     - `chunk_size`: examples per chunk of the full-batch loss and of the final
-      gradient.
+      gradient (`None`: as [`jaxou.estimate_hessian`][] chooses).
 
     **Returns:** a [`jaxou.Minimum`][] `(params, loss, grad_norm, losses)`;
     check `grad_norm` before trusting the minimum.
@@ -76,7 +76,7 @@ def train_to_minimum(
         if key is None:
             raise ValueError("train_to_minimum: mini-batch training needs a key")
     theta0, unravel = flatten_params(params)
-    objective = make_objective(loss_fn, unravel, data, chunk_size, theta0.dtype)
+    objective = make_objective(loss_fn, unravel, data, chunk_size, theta0.dtype, theta0.size)
     optimizer = _with_extra_args(_default_optimizer() if optimizer is None else optimizer)
     key = jax.random.key(0) if key is None else key  # unused by full-batch training
     theta, losses = _train(objective, optimizer, theta0, key, steps, batch_size)

@@ -17,6 +17,7 @@ __all__ = ["EXPERIMENTS", "load"]
 # name -> module (imported lazily, so that listing them needs neither JAX nor sklearn).
 EXPERIMENTS: dict[str, str] = {
     "digits": "jaxou.experiments.digits",
+    "digits-mlp": "jaxou.experiments.digits_mlp",
 }
 
 

@@ -209,3 +209,81 @@ def plot_grid(points, title: str) -> tuple[bytes, bytes]:
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=9)
     return first, _png(fig)
+
+
+def plot_mlp_study(stages, examples, points, title: str) -> bytes:
+    """The digits-mlp figure: (1) the top Hessian eigenvalues of both stages;
+    (2) empirical against predicted variance along the top Hessian and random
+    directions, for the first and last grid settings, with the ±2 sampling-floor
+    band; (3) the fine-tuning bound and (4) the domain discrepancy against the
+    measured generalization gap over the grid."""
+    fig, axes = _figure(4, width=4.6, height=4.2)
+    ax = axes[0]
+    for name, style in (("source", "C0o-"), ("target", "C1s-")):
+        lam = np.sort(np.diag(np.asarray(stages[name].stage.hessian.core)))[::-1]
+        ax.semilogy(np.arange(1, lam.size + 1), lam, style, ms=3, label=f"H, {name}")
+    ax.set_xlabel("index (Lanczos)")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(f"top Hessian eigenvalues (d = {stages['source'].stage.dim:,})", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    shown = [e for e in (examples[0], examples[-1]) if e[1]]
+    lo, hi = np.inf, -np.inf
+    for j, (label, variances) in enumerate(shown):
+        for name, marker in (("top_hessian", "o"), ("random", "^")):
+            v = variances[name]
+            ax.loglog(
+                v["predicted"],
+                v["empirical"],
+                f"C{j}{marker}",
+                ms=4,
+                mfc="none",
+                label=f"{label}, {name.replace('_', ' ')}",
+            )
+            lo = min(lo, v["predicted"].min(), v["empirical"].min())
+            hi = max(hi, v["predicted"].max(), v["empirical"].max())
+            floor = v["sampling_floor_relative_sd"]
+    if shown:
+        x = np.geomspace(lo, hi, 50)
+        ax.plot(x, x, "k-", lw=0.8, label="empirical = predicted")
+        ax.fill_between(
+            x,
+            x * (1 - 2 * floor),
+            x * (1 + 2 * floor),
+            color="grey",
+            alpha=0.2,
+            label="±2 sampling floors",
+        )
+    else:
+        ax.text(
+            0.5, 0.5, "no prediction\n(see report: law_error)", ha="center", transform=ax.transAxes
+        )
+    ax.set_xlabel("predicted variance vᵀΣv (OU)")
+    ax.set_ylabel("variance of the SGD seeds along v")
+    ax.set_title("fine-tuned law along directions v", fontsize=9)
+    ax.legend(fontsize=6)
+    gap = np.array([p["gap_sgd"] for p in points])
+    se = np.array([p["gap_sgd_se"] for p in points])
+    bound_field, bound_name = "finetune_bound", "fine-tuning bound (kl, δ = 0.05)"
+    bounds = [p.get(bound_field) for p in points]
+    if all(b is not None and b > 0.999 for b in bounds):  # saturated: show what it saturates on
+        bound_field, bound_name = "finetune_kl", "KL(fine-tuned ‖ pre-trained) (bound = 1)"
+    for ax, field, name in (
+        (axes[2], bound_field, bound_name),
+        (axes[3], "discrepancy", "domain discrepancy KL at t = T₂"),
+    ):
+        ys = [p.get(field) for p in points]
+        if all(y is not None and np.isfinite(y) for y in ys):
+            bs = np.array([p["batch_size"] for p in points])
+            for b in np.unique(bs):
+                m = bs == b
+                ax.errorbar(
+                    gap[m], np.array(ys)[m], xerr=2 * se[m], fmt="o", ms=4, label=f"B = {b:g}"
+                )
+            ax.legend(fontsize=7)
+        ax.set_xlabel("generalization gap of SGD (held-out − train 0-1 risk)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].grid(alpha=0.3, which="both")
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)

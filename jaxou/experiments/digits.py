@@ -70,8 +70,10 @@ TARGET_FRACTION = 0.35
 N_CLASSES = 10
 
 
-def load_domains(n_pca: int, n_target_train: int, rng: np.random.Generator) -> dict:
-    """Source, target-train and target-test samples, and a description of the split."""
+def ink_split(n_target_train: int, rng: np.random.Generator) -> dict:
+    """The pixels `x` [1797, 64] in [0, 1] (intensities / 16), the labels `y`, the
+    index sets `source`, `target_train`, `target_test` of the thin/thick-stroke
+    split, and a description `info`."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -83,25 +85,42 @@ def load_domains(n_pca: int, n_target_train: int, rng: np.random.Generator) -> d
         idx = np.flatnonzero(y == c)
         cut = np.quantile(ink[idx], 1 - TARGET_FRACTION)
         target[idx[ink[idx] > cut]] = True
-    Xs, ys = X[~target], y[~target]
+    t_idx = rng.permutation(np.flatnonzero(target))
+    return {
+        "x": X,
+        "y": y,
+        "source": np.flatnonzero(~target),
+        "target_train": t_idx[:n_target_train],
+        "target_test": t_idx[n_target_train:],
+        "info": {
+            "n_source": int((~target).sum()),
+            "n_target_train": min(n_target_train, len(t_idx)),
+            "n_target_test": max(len(t_idx) - n_target_train, 0),
+            "mean_ink_source": float(ink[~target].mean()),
+            "mean_ink_target": float(ink[target].mean()),
+        },
+    }
+
+
+def load_domains(n_pca: int, n_target_train: int, rng: np.random.Generator) -> dict:
+    """Source, target-train and target-test samples of `n_pca` PCA features (fitted
+    and standardised on the source), and a description of the split."""
+    split = ink_split(n_target_train, rng)
+    X, y = split["x"], split["y"]
+    Xs = X[split["source"]]
     mu = Xs.mean(0)
     _, _, Vt = np.linalg.svd(Xs - mu, full_matrices=False)
     P = Vt[:n_pca].T
     Zs = (Xs - mu) @ P
     scale = Zs.std(0)
     feats = lambda A: ((A - mu) @ P) / scale  # noqa: E731
-    t_idx = rng.permutation(np.flatnonzero(target))
-    tr, te = t_idx[:n_target_train], t_idx[n_target_train:]
+    tr, te = split["target_train"], split["target_test"]
     return {
-        "source": (feats(Xs), ys),
+        "source": (feats(Xs), y[split["source"]]),
         "target_train": (feats(X[tr]), y[tr]),
         "target_test": (feats(X[te]), y[te]),
         "info": {
-            "n_source": int((~target).sum()),
-            "n_target_train": len(tr),
-            "n_target_test": len(te),
-            "mean_ink_source": float(ink[~target].mean()),
-            "mean_ink_target": float(ink[target].mean()),
+            **split["info"],
             "pca_features": n_pca,
             "pca_variance_explained_source": float(np.sum(Zs.var(0)) / np.sum((Xs - mu).var(0))),
         },
