@@ -49,6 +49,7 @@ def kernel_env(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_small(name, kernel_env):
     nb = _read(name)
