@@ -168,7 +168,7 @@ def test_digits_mlp_quick_report(mlp_run):
         assert q["lr_over_b"] == pytest.approx(q["lr"] / q["batch_size"], rel=1e-12)
         assert q["t_finetune"] == pytest.approx(q["lr"] * q["steps"], rel=1e-12)
         assert q["gap_sgd"] == pytest.approx(q["test_risk_sgd"] - q["train_risk_sgd"], abs=1e-12)
-        assert q["law_error"] is None and q["bound_error"] is None
+        assert q["law_error"] is None and q["discrepancy_error"] is None
         expected = jaxou.pac_bayes_bound(
             q["finetune_kl"],
             n_t,
@@ -180,6 +180,10 @@ def test_digits_mlp_quick_report(mlp_run):
         for name in ("top_hessian", "random"):
             v = q[f"variance_{name}"]
             assert v["sampling_floor_relative_sd"] == pytest.approx(math.sqrt(2 / (S - 1)))
+    # The fine-tuning bound from the grid's laws is jaxou.two_stage_bound's.
+    ref = grid[0]["two_stage_bound"]
+    assert ref["finetune_kl"] == pytest.approx(grid[0]["finetune_kl"], rel=1e-9)
+    assert ref["finetune_bound"] == pytest.approx(grid[0]["finetune_bound"], rel=1e-9)
     s = r["finetune_summary"]
     gap = [q["gap_sgd"] for q in grid]
     for field in ("lr_over_b", "finetune_kl", "discrepancy"):
