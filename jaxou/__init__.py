@@ -8,6 +8,12 @@ from ._bounds import (
     pac_bayes_bound as pac_bayes_bound,
     two_stage_bound as two_stage_bound,
 )
+from ._diagnostics import (
+    MonteCarloCheck as MonteCarloCheck,
+    analytic_marginals as analytic_marginals,
+    kl_fit_floor as kl_fit_floor,
+    monte_carlo_check as monte_carlo_check,
+)
 from ._estimate import (
     AbstractHessianEstimator as AbstractHessianEstimator,
     AbstractNoiseEstimator as AbstractNoiseEstimator,
@@ -36,30 +42,28 @@ from ._gaussian import (
     kl_parts as kl_parts,
     w2 as w2,
 )
+from ._lyapunov import (
+    AbstractLyapunovSolver as AbstractLyapunovSolver,
+    ADIStats as ADIStats,
+    AutoLyapunov as AutoLyapunov,
+    Eigh as Eigh,
+    Kronecker as Kronecker,
+    LowRankADI as LowRankADI,
+    LyapunovResult as LyapunovResult,
+    LyapunovSolution as LyapunovSolution,
+    MatrixSign as MatrixSign,
+    finite_time_cov as finite_time_cov,
+    flow_operator as flow_operator,
+    lyapunov as lyapunov,
+)
 from ._operator import (
     AbstractOperator as AbstractOperator,
     Dense as Dense,
     Diagonal as Diagonal,
     DiagonalPlusLowRank as DiagonalPlusLowRank,
 )
-from ._lyapunov import (
-    AbstractLyapunovSolver as AbstractLyapunovSolver,
-    AutoLyapunov as AutoLyapunov,
-    Eigh as Eigh,
-    Kronecker as Kronecker,
-    LyapunovResult as LyapunovResult,
-    LyapunovSolution as LyapunovSolution,
-    MatrixSign as MatrixSign,
-    lyapunov as lyapunov,
-)
 from ._ou import OUDiffusion as OUDiffusion, OUDrift as OUDrift, OUProcess as OUProcess
 from ._sgd import SGDStage as SGDStage, TwoStage as TwoStage
-from ._diagnostics import (
-    MonteCarloCheck as MonteCarloCheck,
-    analytic_marginals as analytic_marginals,
-    kl_fit_floor as kl_fit_floor,
-    monte_carlo_check as monte_carlo_check,
-)
 from ._simulate import Simulation as Simulation, simulate as simulate
 from ._solvers import (
     CounterBrownianPath as CounterBrownianPath,

@@ -12,7 +12,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from ._flow import ou_flow
 from ._gaussian import Gaussian
-from ._lyapunov import Eigh, lyapunov
+from ._lyapunov import AbstractLyapunovSolver, Eigh, lyapunov
 from ._lyapunov.structured import finite_time_operator, stationary_operator
 from ._misc import as_float_array, is_concrete
 from ._operator import (
@@ -76,6 +76,11 @@ class SGDStage(eqx.Module):
     - `minimum`: $\theta^*$, `[d]`, finite.
     - `lr`: $\eta > 0$ (a scalar; traced values are fine, for gradients).
     - `batch_size`: $B > 0$ (a scalar, real-valued so that it can be differentiated).
+    - `solver`: the Lyapunov solver of the stationary law (keyword-only). `None`
+      (default): [`jaxou.Eigh`][] for dense matrices; for operators the exact
+      structured solution where a closed form exists (diagonal $H$ and $C$, or a
+      constant diagonal part of $H$), else [`jaxou.LowRankADI`][] with its default
+      tolerance. Pass e.g. `LowRankADI(rtol=1e-10)` to tighten it.
 
     **Raises:** `ValueError` naming the argument for wrong shapes, non-finite
     entries, non-symmetric or indefinite matrices, or a non-positive
@@ -89,6 +94,7 @@ class SGDStage(eqx.Module):
     minimum: Float[Array, " d"]
     lr: Float[Array, ""]
     batch_size: Float[Array, ""]
+    solver: AbstractLyapunovSolver | None
 
     def __init__(
         self,
@@ -97,7 +103,14 @@ class SGDStage(eqx.Module):
         minimum: Float[ArrayLike, " d"],
         lr: float | Float[ArrayLike, ""],
         batch_size: float | Float[ArrayLike, ""],
+        *,
+        solver: AbstractLyapunovSolver | None = None,
     ):
+        if solver is not None and not isinstance(solver, AbstractLyapunovSolver):
+            raise TypeError(
+                f"SGDStage: solver must be a jaxou Lyapunov solver (e.g. jaxou.LowRankADI()), "
+                f"got {type(solver).__name__}"
+            )
         hessian = _as_matrix_or_operator(hessian, "hessian")
         noise_cov = _as_matrix_or_operator(noise_cov, "noise_cov")
         minimum = as_float_array(minimum, "minimum")
@@ -126,6 +139,7 @@ class SGDStage(eqx.Module):
         self.minimum = minimum
         self.lr = _check_scalar("lr", jnp.asarray(lr, dtype))
         self.batch_size = _check_scalar("batch_size", jnp.asarray(batch_size, dtype))
+        self.solver = solver
 
     @property
     def dim(self) -> int:
@@ -164,9 +178,13 @@ class SGDStage(eqx.Module):
         and $C$; $H$ with a constant diagonal), otherwise by the large-scale
         low-rank solver."""
         if self.is_dense:
-            S = lyapunov(self.hessian, self.diffusion_cov, solver=Eigh())
+            solver = Eigh() if self.solver is None else self.solver
+            S = lyapunov(self.hessian, self.diffusion_cov, solver=solver)
             return Gaussian(self.minimum, 0.5 * (S + S.T))
-        return Gaussian(self.minimum, stationary_operator(self.hessian, self.diffusion_cov))
+        # Σ∞ is linear in η/B: solve once for C (concrete, so that the large-scale
+        # solver can run) and scale, which keeps gradients in lr and batch_size.
+        unit = stationary_operator(self.hessian, self.noise_cov, self.solver)
+        return Gaussian(self.minimum, unit.scale(self.lr / self.batch_size))
 
     def marginal(self, initial: Gaussian | Float[ArrayLike, " d"], t) -> Gaussian:
         """The law after running this stage for a time `t` (= lr × steps) from
@@ -213,7 +231,7 @@ def _operator_marginal(stage: SGDStage, initial: Gaussian, t: Array) -> Gaussian
         cov = decay**2 * init_cov.diagonal + D.diagonal * flow
         mean = stage.minimum + decay * (initial.mean - stage.minimum)
         return Gaussian(mean, Diagonal(cov))
-    return finite_time_operator(H, D, stage.minimum, initial, t)
+    return finite_time_operator(stage, initial, t)
 
 
 class TwoStage(eqx.Module):

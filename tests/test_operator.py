@@ -137,13 +137,53 @@ def _stage_pair(rng, *, constant_diagonal):
 
 @pytest.mark.parametrize("constant_diagonal", [True, False])
 def test_stationary_law_against_scipy(rng, constant_diagonal):
+    """A constant diagonal part: the exact structured solution; otherwise the
+    low-rank ADI solver (asked for a relative residual of 1e-12)."""
     H, C = _stage_pair(rng, constant_diagonal=constant_diagonal)
-    stage = jaxou.SGDStage(H, C, jnp.ones(D), 0.05, 8.0)
+    solver = None if constant_diagonal else jaxou.LowRankADI(rtol=1e-12)
+    stage = jaxou.SGDStage(H, C, jnp.ones(D), 0.05, 8.0, solver=solver)
     law = stage.stationary()
+    assert isinstance(law.cov, jaxou.DiagonalPlusLowRank)  # never a dense fallback
     ref = sl.solve_continuous_lyapunov(np.asarray(H.as_matrix()), 0.05 / 8 * C.as_matrix())
     assert np.allclose(law.cov_matrix(), ref, rtol=1e-10, atol=1e-14)
-    if constant_diagonal:  # the exact structured form, not a dense fallback
-        assert isinstance(law.cov, jaxou.DiagonalPlusLowRank)
+
+
+def test_finite_time_laws_and_bound_with_a_non_constant_diagonal(rng):
+    """Operator stages whose Hessian has a non-constant diagonal part and whose
+    noise has a zero diagonal entry: the low-rank solver, the flow e^{-tH} and the
+    structured KL, against the same model held densely. The default tolerances
+    (√ε ≈ 1.5e-8 relative residual, √ε compression) bound the errors here by about
+    1e-8 relative."""
+    H_s, C = _stage_pair(rng, constant_diagonal=False)
+    C = jaxou.DiagonalPlusLowRank(C.diagonal.at[3].set(0.0), C.factor, C.core)
+    H_t = jaxou.DiagonalPlusLowRank(1.3 * H_s.diagonal, H_s.factor, 0.6 * H_s.core)
+    theta = 0.1 * rng.standard_normal(D)
+    init_op = jaxou.Gaussian(jnp.zeros(D), jaxou.Diagonal(jnp.full(D, 0.5)))
+    init_dense = jaxou.Gaussian(jnp.zeros(D), 0.5 * jnp.eye(D))
+    op = jaxou.TwoStage(
+        init_op,
+        jaxou.SGDStage(H_s, C, jnp.zeros(D), 0.05, 8.0),
+        jaxou.SGDStage(H_t, C, theta, 0.01, 4.0),
+        2.0,
+        3.0,
+    )
+    dense = jaxou.TwoStage(
+        init_dense,
+        jaxou.SGDStage(H_s.as_matrix(), C.as_matrix(), jnp.zeros(D), 0.05, 8.0),
+        jaxou.SGDStage(H_t.as_matrix(), C.as_matrix(), theta, 0.01, 4.0),
+        2.0,
+        3.0,
+    )
+    for t in (1e-3, 1.0, 40.0):
+        a, b = op.pretrain.marginal(init_op, t), dense.pretrain.marginal(init_dense, t)
+        assert isinstance(a.cov, jaxou.DiagonalPlusLowRank)
+        assert np.allclose(a.mean, b.mean, rtol=1e-12, atol=1e-14)
+        assert np.linalg.norm(a.cov_matrix() - b.cov) <= 1e-8 * np.linalg.norm(b.cov)
+    got, want = jaxou.two_stage_bound(op, 1e6, 1e3), jaxou.two_stage_bound(dense, 1e6, 1e3)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.allclose(a, b, rtol=1e-7), (a, b)
+    disc = jaxou.domain_discrepancy(op.pretrain, op.finetune)
+    assert np.allclose(disc, jaxou.domain_discrepancy(dense.pretrain, dense.finetune), rtol=1e-7)
 
 
 def test_diagonal_stage_is_exact_and_finite_time_matches_dense(rng):

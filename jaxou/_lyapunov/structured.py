@@ -73,27 +73,65 @@ def exact_structured_solve(
     return _isotropic_remainder(h0, w.basis, h0 * w.tau, Ql)
 
 
-def stationary_operator(H: AbstractOperator, D: AbstractOperator):
-    """The stationary covariance X of H X + X H = D for operator inputs: exact where
-    a closed form applies, otherwise the large-scale solver (dense below jaxou's
-    dense limit until then)."""
-    exact = exact_structured_solve(H, D)
-    if exact is not None:
-        return exact
+def _failure(what: str, solution, solver) -> ValueError:
+    from .base import LyapunovResult
+
+    result = LyapunovResult(int(solution.result))
+    return ValueError(
+        f"{what}: {type(solver).__name__} returned {result.name} (relative residual "
+        f"{float(solution.residual):.3g}); see jaxou.LyapunovResult"
+    )
+
+
+def stationary_operator(H: AbstractOperator, C: AbstractOperator, solver=None):
+    """The solution X of H X + X H = C for operator inputs: exact where a closed form
+    applies (module docstring), otherwise `solver` (default `LowRankADI()`); a
+    `Dense` or a non-positive diagonal part of H falls back to a dense solve up to
+    jaxou's dense limit. Raises `ValueError` naming the result when the solver does
+    not succeed."""
+    from .adi import LowRankADI
+
+    if solver is None:
+        exact = exact_structured_solve(H, C)
+        if exact is not None:
+            return exact
+    structured = as_dplr(H) is not None and as_dplr(C) is not None
+    if structured and (solver is not None or _positive_diagonal(H)):
+        solver = LowRankADI() if solver is None else solver
+        solution = solver.solve(H, C)
+        if int(solution.result) != 0:
+            raise _failure("the stationary law", solution, solver)
+        return solution.value
     from . import Eigh, lyapunov  # the dense fallback
 
-    X = lyapunov(densify(H, "the stationary law"), densify(D, "the stationary law"), solver=Eigh())
-    return sym(X)
+    what = "the stationary law (a Hessian whose diagonal part is not positive)"
+    return sym(lyapunov(densify(H, what), densify(C, what), solver=Eigh()))
 
 
-def finite_time_operator(H: AbstractOperator, D: AbstractOperator, minimum, initial, t):
-    """The law at time t of dθ = -H(θ - θ*)dt + D^{1/2} dW from `initial` (a
-    Gaussian), for operator H and D."""
-    from .._flow import ou_flow
+def _positive_diagonal(H: AbstractOperator) -> bool:
+    Hl = as_dplr(H)
+    return Hl is not None and is_concrete(Hl.diagonal) and bool(np.all(np.asarray(Hl.diagonal) > 0))
+
+
+def finite_time_operator(stage, initial, t):
+    """The law at time t of an operator stage started from `initial` (a Gaussian):
+    mean θ* + e^{-tH}(m₀ - θ*), covariance Σ∞ + e^{-tH}(Σ₀ - Σ∞)e^{-tH} (the
+    large-scale flow; dense below jaxou's dense limit when the initial law is dense
+    or the Hessian's diagonal part is not positive)."""
     from .._gaussian import Gaussian
+    from .expm import finite_time_cov, flow_operator
 
-    what = "the finite-time law"
-    Hd, Dd, S0 = densify(H, what), densify(D, what), densify(initial.cov, what)
-    F, St = ou_flow(Hd, Dd, t, symmetric=True)
-    mean = minimum + F @ (initial.mean - minimum)
-    return Gaussian(mean, sym(F @ S0 @ F.T + St))
+    H = stage.hessian
+    if initial.is_dense or not _positive_diagonal(H):
+        from .._flow import ou_flow
+
+        what = "the finite-time law (a dense initial law or a non-positive diagonal)"
+        Hd, Dd = densify(H, what), densify(stage.diffusion_cov, what)
+        F, St = ou_flow(Hd, Dd, t, symmetric=True)
+        S0 = densify(initial.cov, what)
+        mean = stage.minimum + F @ (initial.mean - stage.minimum)
+        return Gaussian(mean, sym(F @ S0 @ F.T + St))
+    sigma_inf = stage.stationary().cov
+    cov = finite_time_cov(H, sigma_inf, initial.cov, t)
+    mean = stage.minimum + flow_operator(H, t).mv(initial.mean - stage.minimum)
+    return Gaussian(mean, cov)

@@ -222,14 +222,27 @@ class DiagonalPlusLowRank(AbstractOperator):
             return
         if self.dim * self.rank**2 > _CHECK_FLOPS:
             return  # definiteness costs as much as the algebra itself: not checked
-        if np.all(np.asarray(self.diagonal) > 0):
-            smallest = 1 + float(np.min(np.asarray(self.whitened(basis=False).tau)))
-            tol = 0 if definite else 100 * self.rank * np.finfo(core.dtype).eps
-            if smallest < -tol or (definite and not smallest > 0):
-                what = "positive definite" if definite else "positive semi-definite"
-                raise ValueError(
-                    f"{name} is not {what}: the smallest eigenvalue of its whitened form "
-                    f"D^(-1/2) M D^(-1/2) is {smallest:.3g}"
-                )
-        elif self.dim <= DENSE_LIMIT:
-            check_matrix(name, self.as_matrix(), definite=definite)
+        g = np.asarray(self.diagonal)
+        if definite:
+            if np.all(g > 0):
+                smallest = 1 + float(np.min(np.asarray(self.whitened(basis=False).tau)))
+                if not smallest > 0:
+                    raise ValueError(
+                        f"{name} is not positive definite: the smallest eigenvalue of its "
+                        f"whitened form D^(-1/2) M D^(-1/2) is {smallest:.3g}"
+                    )
+            elif self.dim <= DENSE_LIMIT:
+                check_matrix(name, self.as_matrix(), definite=True)
+            return
+        # Semi-definite: M + δI must be positive semi-definite, δ = √ε max_i M_ii (the
+        # accuracy of the low-rank solvers' compressed factors): whitening M + δI
+        # tells exactly whether the smallest eigenvalue of M is >= -δ.
+        scale = float(np.max(np.asarray(self.diagonal_values())))
+        delta = float(np.sqrt(np.finfo(g.dtype).eps)) * max(scale, np.finfo(g.dtype).tiny)
+        shifted = DiagonalPlusLowRank(self.diagonal + delta, self.factor, self.core)
+        smallest = 1 + float(np.min(np.asarray(shifted.whitened(basis=False).tau)))
+        if smallest < 0:
+            raise ValueError(
+                f"{name} is not positive semi-definite: it has an eigenvalue below "
+                f"-{delta:.3g} (√ε times its largest diagonal entry)"
+            )
