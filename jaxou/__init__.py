@@ -79,3 +79,80 @@ from ._sweep import (
 )
 
 __version__ = "0.1.0"
+
+# The public surface, layer by layer (see docs/api/index.md).
+__all__ = [
+    # 1. covariance operators
+    "AbstractOperator",
+    "Dense",
+    "Diagonal",
+    "DiagonalPlusLowRank",
+    # 1. Lyapunov solvers and the OU flow
+    "lyapunov",
+    "AbstractLyapunovSolver",
+    "AutoLyapunov",
+    "Eigh",
+    "MatrixSign",
+    "Kronecker",
+    "LowRankADI",
+    "ADIStats",
+    "LyapunovSolution",
+    "LyapunovResult",
+    "flow_operator",
+    "finite_time_cov",
+    # 2. Gaussians
+    "Gaussian",
+    "KLDecomposition",
+    "kl",
+    "kl_parts",
+    "w2",
+    # 3. OU processes
+    "OUProcess",
+    "OUDrift",
+    "OUDiffusion",
+    # 4. SGD stages
+    "SGDStage",
+    "TwoStage",
+    # 5. Monte Carlo
+    "simulate",
+    "Simulation",
+    "FusedEuler",
+    "ExactOU",
+    "CounterBrownianPath",
+    "analytic_marginals",
+    "kl_fit_floor",
+    "monte_carlo_check",
+    "MonteCarloCheck",
+    # 6. bounds, grids and sensitivity
+    "pac_bayes_bound",
+    "kl_inverse",
+    "binary_kl",
+    "two_stage_bound",
+    "TwoStageBound",
+    "domain_discrepancy",
+    "evaluate",
+    "grid",
+    "sensitivity",
+    "Hyperparameters",
+    "GridResult",
+    # 7. estimation
+    "train_to_minimum",
+    "Minimum",
+    "estimate_stage",
+    "StageEstimate",
+    "estimate_hessian",
+    "AbstractHessianEstimator",
+    "DenseHessian",
+    "LanczosHessian",
+    "estimate_noise_cov",
+    "AbstractNoiseEstimator",
+    "DenseNoise",
+    "ExactNoise",
+    "SketchedNoise",
+    "per_example_grads",
+    "flatten_params",
+    "lanczos",
+    "hutchinson_diagonal",
+    "sample_sgd",
+    "sgd_stationary_cov",
+]

@@ -43,6 +43,19 @@ def test_contract_names_and_parameters():
     assert isinstance(jaxou.SGDStage.process, property)
 
 
+def test_all_lists_exactly_the_public_names():
+    assert len(jaxou.__all__) == len(set(jaxou.__all__)), "duplicates in jaxou.__all__"
+    assert sorted(jaxou.__all__) == sorted(public_names())
+
+
+def test_operator_contract():
+    sig = inspect.signature(jaxou.DiagonalPlusLowRank)
+    assert list(sig.parameters)[:3] == ["diagonal", "factor", "core"]
+    assert sig.parameters["core"].default is None
+    M = jaxou.DiagonalPlusLowRank([1.0, 2.0], [[1.0], [0.0]])
+    assert M.as_matrix().tolist() == [[2.0, 0.0], [0.0, 2.0]]
+
+
 def test_every_public_name_is_documented():
     undocumented = [
         n for n in public_names() if not (inspect.getdoc(getattr(jaxou, n)) or "").strip()
