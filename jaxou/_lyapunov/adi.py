@@ -222,7 +222,7 @@ def _adi_step(xp, h, U, lam, W, p):
     return V, W, W.T @ W
 
 
-_adi_step_jax = jax.jit(functools.partial(_adi_step, jnp))
+_adi_step_jax = jax.jit(functools.partial(_adi_step, jnp), donate_argnums=3)  # W
 
 
 _PROBES = 16  # random probes of the a-posteriori residual check
@@ -489,7 +489,10 @@ def _run(solver: LowRankADI, hess, rhs, interval, rtol) -> tuple[LyapunovSolutio
         if cap is not None and acc.width + n > cap:
             budget = 0.5 * max(0.5 * target - used, 0.0)
             used += acc.compress(budget, residual=True, max_width=(cap // n - 1) * n)
-        acc.append(jnp.asarray(np.sqrt(2 * p) * V, dtype), T)
+        block = jnp.asarray(np.sqrt(2 * p) * V, dtype)
+        del V  # at d = 10^6 every block of m + 2k columns is most of a GB
+        acc.append(block, T)
+        del block
         steps += 1
         history.append(rho / max(rhs_norm, np.finfo(float).tiny))
         converged = rho <= 0.5 * target

@@ -68,11 +68,15 @@ def _cross(panel: Array, block: Array) -> Array:
 
 
 @jax.jit
+def _cross2(panel: Array, block: Array, block2: Array) -> tuple[Array, Array]:
+    return panel.T @ block, panel.T @ block2
+
+
+@jax.jit
 def _self_terms(block: Array, h: Array, U: Array, lam: Array):
-    """Hᵀ-side terms of a new panel p: [p, H²p], pᵀp and (Hp)ᵀ(Hp)."""
+    """For a new panel p: H²p, pᵀp and (Hp)ᵀ(Hp)."""
     Hp = hessian_mv(h, U, lam, block)
-    H2p = hessian_mv(h, U, lam, Hp)
-    return jnp.concatenate([block, H2p], axis=1), block.T @ block, Hp.T @ Hp
+    return hessian_mv(h, U, lam, Hp), block.T @ block, Hp.T @ Hp
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames="n_out")
@@ -123,28 +127,35 @@ class LowRankAccumulator:
         return len(self.panels) * self.panel
 
     def append(self, block: Array, core: np.ndarray) -> None:
-        """X ← X + V T Vᵀ for a block V [d, n] (any n) and its core T [n, n]."""
-        n = block.shape[1]
-        n_pad = -n % self.panel
-        block = jnp.pad(block.astype(self.dtype), ((0, 0), (0, n_pad)))
-        core = np.pad(np.asarray(core, np.float64), ((0, n_pad), (0, n_pad)))
-        for j in range(block.shape[1] // self.panel):
-            self._append_panel(block[:, j * self.panel : (j + 1) * self.panel])
-        self.core[-core.shape[0] :, -core.shape[0] :] += core
+        """X ← X + V T Vᵀ for a block V [d, n] (any n) and its core T [n, n]. A block
+        of exactly one panel is stored as it is (no copy): do not reuse it."""
+        n, P, start = block.shape[1], self.panel, self.width
+        block = block.astype(self.dtype)
+        if n % P:
+            block = jnp.pad(block, ((0, 0), (0, P - n % P)))
+        core = np.asarray(core, np.float64)
+        for j in range(block.shape[1] // P):
+            self._append_panel(block if block.shape[1] == P else block[:, j * P : (j + 1) * P])
+        self.core[start : start + n, start : start + n] += core  # padding keeps a zero core
 
     def _append_panel(self, p: Array) -> None:
         N, P = self.width, self.panel
+        cross = np.zeros((N, P))
+        cross2 = np.zeros((N, P)) if self.hessian is not None else None
         if self.hessian is not None:
-            both, pp, hh = _self_terms(p, *self.hessian)
+            H2p, pp, hh = _self_terms(p, *self.hessian)
+            for i, old in enumerate(self.panels):
+                c1, c2 = _cross2(old, p, H2p)
+                cross[i * P : (i + 1) * P] = np.asarray(c1, np.float64)
+                cross2[i * P : (i + 1) * P] = np.asarray(c2, np.float64)
+            del H2p
+            self.gram2 = _grow(self.gram2, cross2, hh)
         else:
-            both, pp, hh = p, p.T @ p, None
-        cross = np.zeros((N, both.shape[1]))
-        for i, old in enumerate(self.panels):
-            cross[i * P : (i + 1) * P] = np.asarray(_cross(old, both), np.float64)
+            pp = p.T @ p
+            for i, old in enumerate(self.panels):
+                cross[i * P : (i + 1) * P] = np.asarray(_cross(old, p), np.float64)
         self.panels.append(p)
-        self.gram = _grow(self.gram, cross[:, :P], pp)
-        if self.gram2 is not None:
-            self.gram2 = _grow(self.gram2, cross[:, P:], hh)
+        self.gram = _grow(self.gram, cross, pp)
         self.core = np.pad(self.core, ((0, P), (0, P)))
 
     def fro(self) -> float:
