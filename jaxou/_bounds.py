@@ -286,48 +286,25 @@ def two_stage_bound(
     ):
         check_range(name, scalars[name], lo, hi, lo_open, hi_open)
     if model.pretrain.is_dense and model.finetune.is_dense and model.init.is_dense:
-        return _two_stage_bound(model, kind=kind, **scalars)
+        return _two_stage_bound(model, scalars, kind)
     # Operator stages: the laws are computed by solvers that choose their algorithm
     # from concrete values (and may run iterations in Python), so only the KL
-    # divergences and the bounds are compiled.
+    # divergences are compiled.
     pre, fine = model.laws()
-    return _bounds_from_laws(model.init, pre, fine, kind=kind, **scalars)
+    return _bounds_from_laws(model.init, pre, fine, scalars, kind)
 
 
 @eqx.filter_jit
-def _two_stage_bound(
-    model, n_source, n_target, delta, empirical_risk_source, empirical_risk_target, kind
-):
+def _two_stage_bound(model, scalars, kind):
     pre, fine = model.laws()
-    return _bounds_from_laws(
-        model.init,
-        pre,
-        fine,
-        n_source,
-        n_target,
-        delta,
-        empirical_risk_source,
-        empirical_risk_target,
-        kind,
-    )
+    return _bounds_from_laws(model.init, pre, fine, scalars, kind)
 
 
-def _bounds_from_laws(
-    init,
-    pre,
-    fine,
-    n_source,
-    n_target,
-    delta,
-    empirical_risk_source,
-    empirical_risk_target,
-    kind,
-) -> TwoStageBound:
+def _bounds_from_laws(init, pre, fine, scalars, kind) -> TwoStageBound:
     kl1 = kl_parts(pre, init)
     kl2 = kl_parts(fine, pre)
-    return stage_bounds(
-        kl1, kl2, n_source, n_target, delta, empirical_risk_source, empirical_risk_target, kind
-    )
+    names = ("n_source", "n_target", "delta", "empirical_risk_source", "empirical_risk_target")
+    return stage_bounds(kl1, kl2, *(scalars[n] for n in names), kind)
 
 
 def stage_bounds(
