@@ -12,7 +12,29 @@ from ._gaussian import Gaussian
 from ._lyapunov import lyapunov
 from ._misc import as_float_array, is_concrete
 
-__all__ = ["OUProcess", "OUDrift", "OUDiffusion"]
+__all__ = ["OUProcess", "OUDrift", "OUDiffusion", "initial_law", "marginal_law"]
+
+
+def initial_law(initial, dim: int) -> Gaussian:
+    """`initial` as a single Gaussian of dimension `dim` (a point becomes a point
+    mass); `ValueError` otherwise."""
+    if not isinstance(initial, Gaussian):
+        initial = Gaussian.point(initial)
+    if initial.dim != dim or initial.batch_shape != ():
+        raise ValueError(
+            f"marginal: initial must be a single law of dimension {dim}, got "
+            f"dimension {initial.dim} and batch shape {initial.batch_shape}"
+        )
+    return initial
+
+
+def marginal_law(drift, mean, diffusion_cov, initial: Gaussian, t, *, symmetric=None):
+    r"""The law at time $t$ of $dX = -A(X - \mu)dt + G\,dW$ ($D = GG^\top$,
+    dense) from `initial`: $N(\mu + F(m_0 - \mu), FS_0F^\top + \Sigma_t)$ with
+    $(F, \Sigma_t)$ = `ou_flow(A, D, t)`."""
+    F, St = ou_flow(drift, diffusion_cov, t, symmetric=symmetric)
+    cov = F @ initial.cov_matrix() @ F.T + St
+    return Gaussian(mean + F @ (initial.mean - mean), 0.5 * (cov + cov.T))
 
 
 class OUDrift(eqx.Module):
@@ -124,19 +146,10 @@ class OUProcess(eqx.Module):
     def marginal(self, initial: Gaussian | Float[ArrayLike, " d"], t) -> Gaussian:
         r"""The law of $X_t$ when $X_0 \sim$ `initial` (a [`jaxou.Gaussian`][] or a
         point); `t = inf` gives the stationary law. Accurate for tiny $t$."""
-        if not isinstance(initial, Gaussian):
-            initial = Gaussian.point(initial)
-        if initial.dim != self.dim or initial.batch_shape != ():
-            raise ValueError(
-                f"marginal: initial must be a single law of dimension {self.dim}, got "
-                f"dimension {initial.dim} and batch shape {initial.batch_shape}"
-            )
+        initial = initial_law(initial, self.dim)
         t = jnp.asarray(t, self.drift.dtype)
         t = eqx.error_if(t, t < 0, "marginal: t must be >= 0")
-        F, St = ou_flow(self.drift, self.diffusion_cov, t)
-        mean = self.mean + F @ (initial.mean - self.mean)
-        cov = F @ initial.cov @ F.T + St
-        return Gaussian(mean, 0.5 * (cov + cov.T))
+        return marginal_law(self.drift, self.mean, self.diffusion_cov, initial, t)
 
     def transition(self, dt) -> tuple[Float[Array, "d d"], Float[Array, "d d"]]:
         r"""The exact transition over a step `dt`: returns $(F, \Sigma_{dt})$ with

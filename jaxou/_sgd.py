@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from ._flow import ou_flow
+from ._flow import flow_factor
 from ._gaussian import Gaussian
-from ._lyapunov import AbstractLyapunovSolver, Eigh, lyapunov
-from ._lyapunov.structured import finite_time_operator, stationary_operator
+from ._lyapunov import AbstractLyapunovSolver, Eigh, finite_time_cov, flow_operator, lyapunov
+from ._lyapunov.structured import positive_diagonal, stationary_operator
 from ._misc import as_float_array, is_concrete
 from ._operator import (
     AbstractOperator,
@@ -24,7 +24,7 @@ from ._operator import (
     densify,
     psd_sqrt,
 )
-from ._ou import OUProcess
+from ._ou import OUProcess, initial_law, marginal_law
 
 __all__ = ["SGDStage", "TwoStage"]
 
@@ -189,49 +189,45 @@ class SGDStage(eqx.Module):
     def marginal(self, initial: Gaussian | Float[ArrayLike, " d"], t) -> Gaussian:
         """The law after running this stage for a time `t` (= lr × steps) from
         `initial`; `t = inf` gives [`stationary`][jaxou.SGDStage.stationary]."""
-        if not isinstance(initial, Gaussian):
-            initial = Gaussian.point(initial)
-        if initial.dim != self.dim or initial.batch_shape != ():
-            raise ValueError(
-                f"marginal: initial must be a single law of dimension {self.dim}, got "
-                f"dimension {initial.dim} and batch shape {initial.batch_shape}"
-            )
+        initial = initial_law(initial, self.dim)
         t = jnp.asarray(t, self.dtype)
         if is_concrete(t) and not float(t) >= 0:
             raise ValueError(f"marginal: t must be >= 0 (or inf), got {float(t)}")
         if self.is_dense:
-            return _stage_marginal(self, _dense_law(initial), t)
+            return _stage_marginal(self, initial, t)
         if is_concrete(t) and math.isinf(float(t)):
             return self.stationary()
         return _operator_marginal(self, initial, t)
 
 
-def _dense_law(law: Gaussian) -> Gaussian:
-    return law if law.is_dense else Gaussian(law.mean, law.cov_matrix())
-
-
 @eqx.filter_jit
 def _stage_marginal(stage: SGDStage, initial: Gaussian, t: Array) -> Gaussian:
     t = eqx.error_if(t, ~(t >= 0), "marginal: t must be >= 0")
-    F, St = ou_flow(stage.hessian, stage.diffusion_cov, t, symmetric=True)
-    mean = stage.minimum + F @ (initial.mean - stage.minimum)
-    cov = F @ initial.cov @ F.T + St
-    return Gaussian(mean, 0.5 * (cov + cov.T))
+    return marginal_law(
+        stage.hessian, stage.minimum, stage.diffusion_cov, initial, t, symmetric=True
+    )
 
 
 def _operator_marginal(stage: SGDStage, initial: Gaussian, t: Array) -> Gaussian:
     """Finite-time law of an operator stage: closed form for a diagonal Hessian,
-    noise and initial law; otherwise the large-scale finite-time solver."""
+    noise and initial law; otherwise mean θ* + e^{-tH}(m₀ - θ*) and covariance
+    Σ∞ + e^{-tH}(Σ₀ - Σ∞)e^{-tH} by the large-scale flow (dense, up to jaxou's dense
+    limit, for a dense initial law or a Hessian whose diagonal part is not positive)."""
     H, D = stage.hessian, stage.diffusion_cov
     init_cov = initial.cov
     if isinstance(H, Diagonal) and isinstance(D, Diagonal) and isinstance(init_cov, Diagonal):
         h = H.diagonal
         decay = jnp.exp(-h * t)
-        flow = -jnp.expm1(-2 * h * t) / (2 * h)
-        cov = decay**2 * init_cov.diagonal + D.diagonal * flow
+        cov = decay**2 * init_cov.diagonal + D.diagonal * flow_factor(2 * h, t)
         mean = stage.minimum + decay * (initial.mean - stage.minimum)
         return Gaussian(mean, Diagonal(cov))
-    return finite_time_operator(stage, initial, t)
+    if initial.is_dense or not positive_diagonal(H):
+        what = "the finite-time law (a dense initial law or a non-positive diagonal)"
+        Hd, Dd = densify(H, what), densify(D, what)
+        return marginal_law(Hd, stage.minimum, Dd, initial, t, symmetric=True)
+    cov = finite_time_cov(H, stage.stationary().cov, initial.cov, t)
+    mean = stage.minimum + flow_operator(H, t).mv(initial.mean - stage.minimum)
+    return Gaussian(mean, cov)
 
 
 class TwoStage(eqx.Module):

@@ -24,7 +24,12 @@ import numpy as np
 from .._misc import is_concrete
 from .._operator import AbstractOperator, Diagonal, DiagonalPlusLowRank, as_dplr, densify, sym
 
-__all__ = ["exact_structured_solve", "has_constant_diagonal"]
+__all__ = [
+    "exact_structured_solve",
+    "has_constant_diagonal",
+    "positive_diagonal",
+    "stationary_operator",
+]
 
 
 def has_constant_diagonal(H: DiagonalPlusLowRank) -> bool:
@@ -96,7 +101,7 @@ def stationary_operator(H: AbstractOperator, C: AbstractOperator, solver=None):
         if exact is not None:
             return exact
     structured = as_dplr(H) is not None and as_dplr(C) is not None
-    if structured and (solver is not None or _positive_diagonal(H)):
+    if structured and (solver is not None or positive_diagonal(H)):
         solver = LowRankADI() if solver is None else solver
         solution = solver.solve(H, C)
         if int(solution.result) != 0:
@@ -108,30 +113,6 @@ def stationary_operator(H: AbstractOperator, C: AbstractOperator, solver=None):
     return sym(lyapunov(densify(H, what), densify(C, what), solver=Eigh()))
 
 
-def _positive_diagonal(H: AbstractOperator) -> bool:
+def positive_diagonal(H: AbstractOperator) -> bool:
     Hl = as_dplr(H)
     return Hl is not None and is_concrete(Hl.diagonal) and bool(np.all(np.asarray(Hl.diagonal) > 0))
-
-
-def finite_time_operator(stage, initial, t):
-    """The law at time t of an operator stage started from `initial` (a Gaussian):
-    mean θ* + e^{-tH}(m₀ - θ*), covariance Σ∞ + e^{-tH}(Σ₀ - Σ∞)e^{-tH} (the
-    large-scale flow; dense below jaxou's dense limit when the initial law is dense
-    or the Hessian's diagonal part is not positive)."""
-    from .._gaussian import Gaussian
-    from .expm import finite_time_cov, flow_operator
-
-    H = stage.hessian
-    if initial.is_dense or not _positive_diagonal(H):
-        from .._flow import ou_flow
-
-        what = "the finite-time law (a dense initial law or a non-positive diagonal)"
-        Hd, Dd = densify(H, what), densify(stage.diffusion_cov, what)
-        F, St = ou_flow(Hd, Dd, t, symmetric=True)
-        S0 = densify(initial.cov, what)
-        mean = stage.minimum + F @ (initial.mean - stage.minimum)
-        return Gaussian(mean, sym(F @ S0 @ F.T + St))
-    sigma_inf = stage.stationary().cov
-    cov = finite_time_cov(H, sigma_inf, initial.cov, t)
-    mean = stage.minimum + flow_operator(H, t).mv(initial.mean - stage.minimum)
-    return Gaussian(mean, cov)
