@@ -57,6 +57,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._gaussian import Gaussian, kl
+from ._operator import psd_factor
 from ._ou import OUProcess
 from ._sgd import SGDStage, TwoStage
 from ._solvers import (
@@ -70,7 +71,6 @@ from ._solvers import (
     exact_step_matrices,
     noise_eigenbasis,
     paired_normals,
-    psd_sqrt,
 )
 from ._stats import Moments, block_moments, merge_host
 
@@ -411,7 +411,7 @@ def _initial_states(initial: Gaussian, block_keys, sharding) -> Array:
     words = _key_words(jax.vmap(lambda k: jax.random.fold_in(k, 0))(block_keys))
     zc = paired_normals(words[:, 0], words[:, 1], (BLOCK // 2, d), dtype)
     z = jnp.concatenate([jnp.real(zc), jnp.imag(zc)], axis=1)  # [n_blocks, BLOCK, d]
-    y = (initial.mean + z @ psd_sqrt(initial.cov).T).reshape(-1, d)
+    y = (initial.mean + z @ psd_factor(initial.cov)[0].T).reshape(-1, d)
     if sharding is not None:
         y = jax.lax.with_sharding_constraint(y, sharding)
     return y

@@ -44,6 +44,7 @@ import numpy as np
 from jaxtyping import Array, Float, PyTree
 
 from ._flow import ou_flow
+from ._operator import psd_factor
 from ._ou import OUDiffusion, OUDrift
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
     "CounterBrownianPath",
     "EigenDrift",
     "DiagonalNoiseTerm",
-    "psd_sqrt",
 ]
 
 
@@ -216,21 +216,13 @@ class ExactOU(diffrax.AbstractItoSolver):
         return terms.vf(t0, y0, args)
 
 
-def psd_sqrt(S: Float[Array, "d d"]) -> Float[Array, "d d"]:
-    """A square root `L` with `L Lᵀ = S` of a symmetric positive semi-definite `S`,
-    through `eigh` (negative rounding noise in the eigenvalues clipped to 0), so that
-    a singular `S` works where a Cholesky factor would fail."""
-    lam, V = jnp.linalg.eigh(S)
-    return V * jnp.sqrt(jnp.clip(lam, 0))[None, :]
-
-
 def exact_step_matrices(
     drift: Float[Array, "d d"], diffusion_cov: Float[Array, "d d"], dt, *, symmetric: bool | None
 ) -> tuple[Float[Array, "d d"], Float[Array, "d d"]]:
-    """`(F, L)` with `F = e^{-A dt}` and `L Lᵀ = Σ_dt` ([`psd_sqrt`][], so that
+    """`(F, L)` with `F = e^{-A dt}` and `L Lᵀ = Σ_dt` (`psd_factor`, so that
     degenerate noise works); `symmetric` as in `ou_flow`."""
     F, S = ou_flow(drift, diffusion_cov, dt, symmetric=symmetric)
-    return F, psd_sqrt(S)
+    return F, psd_factor(S)[0]
 
 
 class FusedEuler(diffrax.AbstractItoSolver):

@@ -10,19 +10,27 @@ from jaxtyping import Array, ArrayLike, Float
 from .._misc import as_float_array, is_concrete
 from .base import AbstractOperator
 
-__all__ = ["Dense", "psd_sqrt", "check_matrix"]
+__all__ = ["Dense", "psd_factor", "psd_sqrt", "check_matrix"]
 
 # Eager definiteness checks cost an eigendecomposition; above this many flops
 # (batch × d³) only the cheap checks run.
 _EIG_CHECK_FLOPS = 2e9
 
 
-def psd_sqrt(M: Float[Array, "*batch d d"]) -> Float[Array, "*batch d d"]:
-    r"""The symmetric positive semi-definite square root $M^{1/2}$ of a symmetric
-    PSD matrix, through `eigh` (negative rounding-level eigenvalues clipped to 0),
-    so singular matrices, point masses included, are fine."""
+def psd_factor(M: Float[Array, "*batch d d"]) -> tuple[Array, Array]:
+    r"""`(R, V)` with $R = V\Lambda^{1/2}$, $M = V\Lambda V^\top$: a square-root
+    factor ($RR^\top = M$) of a symmetric positive semi-definite matrix, through
+    `eigh` (negative rounding-level eigenvalues clipped to 0), so singular matrices,
+    point masses included, are fine."""
     lam, V = jnp.linalg.eigh(M)
-    return (V * jnp.sqrt(jnp.clip(lam, 0))[..., None, :]) @ jnp.swapaxes(V, -1, -2)
+    return V * jnp.sqrt(jnp.clip(lam, 0))[..., None, :], V
+
+
+def psd_sqrt(M: Float[Array, "*batch d d"]) -> Float[Array, "*batch d d"]:
+    r"""The symmetric positive semi-definite square root $M^{1/2} = V\Lambda^{1/2}
+    V^\top$ (see `psd_factor`)."""
+    R, V = psd_factor(M)
+    return R @ jnp.swapaxes(V, -1, -2)
 
 
 def check_matrix(name: str, M: Array, *, definite: bool) -> None:

@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+from .._plot import _ellipse
+
 __all__ = [
     "discrete_marginal",
     "compare_law",
@@ -120,12 +122,6 @@ def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
-
-
-def _ellipse(m2, c2, k=1.0, n=200):
-    lam, V = np.linalg.eigh(c2)
-    a = np.linspace(0, 2 * np.pi, n)
-    return m2[:, None] + k * (V * np.sqrt(np.clip(lam, 0, None))) @ np.stack([np.cos(a), np.sin(a)])
 
 
 def plot_covariances(panels, title: str) -> bytes:
