@@ -430,7 +430,7 @@ def _failure(A, dtype, result: LyapunovResult) -> tuple[LyapunovSolution, ADISta
     return sol, stats
 
 
-def _rhs_factor(h, U, lam, q, Z, S) -> tuple[Array, Array, np.ndarray]:
+def _rhs_factor(h, U, lam, q, Z, S) -> tuple[Array, Array, np.ndarray, float]:
     """D₀ = q/2h and F = B T Bᵀ (see the module docstring), with B's columns
     compressed to the eigenvectors of F and T = diag(eigenvalues of F).
 
@@ -438,7 +438,8 @@ def _rhs_factor(h, U, lam, q, Z, S) -> tuple[Array, Array, np.ndarray]:
     as large as q/h while F is not: its core couples them to U); ADI blocks built
     from it would represent Δ with terms far larger than Δ, and their cancellation
     would cost digits in every later compression. The eigen-form costs one Gram
-    matrix of m + 2k columns."""
+    matrix of m + 2k columns; it drops directions of F only up to (m + 2k)ε‖F‖_F,
+    returned last (it enters the residual bound)."""
     D0 = q / (2 * h)
     m, k = Z.shape[1], U.shape[1]
     T = np.zeros((m + 2 * k, m + 2 * k))
@@ -447,21 +448,21 @@ def _rhs_factor(h, U, lam, q, Z, S) -> tuple[Array, Array, np.ndarray]:
     T[m + k :, m : m + k] = -np.asarray(lam, np.float64)
     B = jnp.concatenate([Z, U, D0[:, None] * U], axis=1)
     if B.shape[1] == 0:
-        return D0, B, T
+        return D0, B, T, 0.0
     norms = np.sqrt(np.sum(np.asarray(B, np.float64) ** 2, axis=0))
     scale = np.where(norms > 0, 1 / np.where(norms > 0, norms, 1), 0.0)
     acc = LowRankAccumulator(h.shape[0], h.dtype, B.shape[1])
     acc.append(B * jnp.asarray(scale, h.dtype), T * np.outer(norms, norms))
     eps = float(np.finfo(h.dtype).eps)
-    acc.compress(B.shape[1] * eps * acc.fro(), residual=False)
+    dropped = acc.compress(B.shape[1] * eps * acc.fro(), residual=False)
     factor, theta = acc.factor()
-    return D0, factor, np.diag(theta)
+    return D0, factor, np.diag(theta), dropped
 
 
 def _run(solver: LowRankADI, hess, rhs, interval, rtol) -> tuple[LyapunovSolution, ADIStats]:
     """The ADI iteration and the final compression."""
     h, U, lam = hess
-    D0, B, T = _rhs_factor(h, U, lam, *rhs)
+    D0, B, T, used = _rhs_factor(h, U, lam, *rhs)
     dtype, d, n = h.dtype, h.shape[0], B.shape[1]
     rhs_norm = _rhs_norm(*rhs)
     target = rtol * rhs_norm
@@ -480,7 +481,7 @@ def _run(solver: LowRankADI, hess, rhs, interval, rtol) -> tuple[LyapunovSolutio
     step = functools.partial(_adi_step, np) if wide else _adi_step_jax
     args = tuple(np.asarray(x, np.float64) for x in (h, U, lam)) if wide else (h, U, lam)
     W = np.asarray(B, np.float64) if wide else B
-    rho, used, history, converged = f_norm, 0.0, [], n == 0 or f_norm <= 0.5 * target
+    rho, history, converged = f_norm, [], n == 0 or f_norm <= 0.5 * target
     cap, steps = solver.max_rank, 0
     while not converged and steps < solver.max_steps:
         p = float(shifts[steps % J])
