@@ -159,8 +159,9 @@ class SketchedNoise(AbstractNoiseEstimator):
 
     $r$ is the exact diagonal of $C - U\Lambda U^\top$, which is positive
     semi-definite when $U$ spans an invariant subspace; a sketch can miss that by a
-    little, and the entries of $r$ below zero are then set to 0 with a
-    `UserWarning` that gives their number and the most negative value.
+    little. Entries of $r$ below zero are set to 0: silently within rounding
+    ($10^3\varepsilon\max_i C_{ii}$), otherwise with a `UserWarning` that gives
+    their number and the most negative value.
 
     Passes over the data: `power_iterations + 3`. For $N$ small enough that
     $Nd$ numbers fit, [`jaxou.ExactNoise`][] is exact and cheaper.
@@ -199,14 +200,15 @@ class SketchedNoise(AbstractNoiseEstimator):
         omega = jax.random.normal(key, (theta.size, width), theta.dtype)
         values, vectors, cdiag = _sketch(objective, theta, omega, self.rank, self.power_iterations)
         resid = np.asarray(cdiag) - np.asarray(jnp.sum(vectors**2 * values, -1))
-        negative = resid < 0
+        rounding = 1e3 * np.finfo(resid.dtype).eps * float(np.max(cdiag, initial=0))
+        negative = resid < -rounding
         if np.any(negative):
             warn(
                 f"SketchedNoise: {int(negative.sum())} of {resid.size} entries of the residual "
                 f"diagonal diag(C) - diag(U Λ Uᵀ) were negative (down to {resid.min():.3g}, "
                 f"against max diag(C) = {float(np.max(cdiag)):.3g}); set to 0"
             )
-        resid = jnp.asarray(np.where(negative, 0, resid), theta.dtype)
+        resid = jnp.asarray(np.maximum(resid, 0), theta.dtype)
         return DiagonalPlusLowRank(resid, vectors, jnp.diag(values))
 
 

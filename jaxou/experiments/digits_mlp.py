@@ -13,8 +13,11 @@ source by full-batch L-BFGS, then fine-tuned to θ*_T on the target's training s
 The chain, every matrix an operator:
 
 1. H_S, C_S at θ*_S and H_T, C_T at θ*_T: `jaxou.LanczosHessian` (top eigenpairs plus
-   Hutchinson's diagonal with standard errors) and `jaxou.ExactNoise` (the exact factor
-   of centred per-example gradients, rank ≤ N, zero diagonal).
+   Hutchinson's diagonal with standard errors); C_T by `jaxou.ExactNoise` (the exact
+   factor of the 250 centred per-example gradients, zero diagonal part), C_S by
+   `jaxou.SketchedNoise` (rank 100 plus the exact residual diagonal: the exact factor
+   of the 1,174 source gradients would make each stationary solve's right-hand side
+   1,214 columns wide, past 16 GB at this size).
 2. Real SGD over many seeds of the network (one vmapped, compiled program per batch
    size, data as arguments, float32): pre-training on the source from N(θ*_S, σ₀² I)
    for a time T₁, then fine-tuning on the target for T₂ over a grid of (lr, B).
@@ -65,6 +68,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "grid_lr": (0.05, 0.1, 0.2, 0.4),  # lr × λ_max(H_T)
         "grid_batch": (8, 32, 128),
         "random_directions": 20,
+        "source_noise_rank": 100,
+        "target_noise_rank": None,  # None: the exact factor
         "pretrain_lr": 0.1,  # lr × λ_max(H_S)
         "pretrain_batch": 32,
     },
@@ -77,6 +82,8 @@ SIZES: dict[str, dict[str, Any]] = {
         "grid_lr": (0.1, 0.4),
         "grid_batch": (8, 32, 128),
         "random_directions": 10,
+        "source_noise_rank": 20,
+        "target_noise_rank": 20,  # the exact factor's rank 249 ~ d/3 makes ADI slow
         "pretrain_lr": 0.1,
         "pretrain_batch": 32,
     },
@@ -238,20 +245,27 @@ def _estimate_stages(size, data, key_init, key_est, steps, report) -> dict:
     import jaxou
 
     params0 = mlp_init(key_init, size["hidden"])
-    out, params = {}, params0
+    out, params = {"solver": _solve_once(jaxou.LowRankADI())}, params0
+    noise = {
+        name: jaxou.ExactNoise() if rank is None else jaxou.SketchedNoise(rank=rank)
+        for name, rank in (
+            ("source", size["source_noise_rank"]),
+            ("target", size["target_noise_rank"]),
+        )
+    }
     for name, sample in (("source", data["source"]), ("target", data["target_train"])):
         with steps(f"{name}: L-BFGS to the minimum ({size['train_steps']} steps)"):
             m = jaxou.train_to_minimum(mlp_loss, params, sample, steps=size["train_steps"])
             jax.block_until_ready(m.params)
         params = m.params
         key_est, k = jax.random.split(key_est)
-        with steps(f"{name}: H (Lanczos + Hutchinson) and C (exact factor)"):
+        with steps(f"{name}: H (Lanczos + Hutchinson) and C ({type(noise[name]).__name__})"):
             est = jaxou.estimate_stage(
                 mlp_loss,
                 params,
                 sample,
                 jaxou.LanczosHessian(rank=size["rank"], probes=size["probes"], floor=REG),
-                jaxou.ExactNoise(),
+                noise[name],
                 lr=1.0,  # placeholders: each (lr, B) of the study builds its own stage
                 batch_size=1.0,
                 train_steps=0,
@@ -267,6 +281,46 @@ def _estimate_stages(size, data, key_init, key_est, steps, report) -> dict:
         np.linalg.norm(np.asarray(out["target"].stage.minimum - out["source"].stage.minimum))
     )
     return out
+
+
+class _Memo:
+    """Solutions kept by the identity of their (A, Q), with A and Q themselves (so
+    that an identity is never reused while its entry lives)."""
+
+    def __init__(self):
+        self.solutions: dict = {}
+
+
+def _solve_once(inner):
+    """`inner` (a Lyapunov solver) wrapped to solve each (A, Q) once. Every (lr, B)
+    of the grid needs the same equation H Σ + Σ H = C per stage (`SGDStage` solves
+    for C and scales by lr/B), and every finite-time law of a stage needs it again;
+    at d = 126,090 one `jaxou.LowRankADI` solve takes minutes. (Defined here, not at
+    import, so that listing the studies does not load JAX.)"""
+    import jaxou
+
+    class SolveOnce(jaxou.AbstractLyapunovSolver):
+        rtol: float | None
+        inner: Any
+        memo: _Memo
+
+        def solve(self, A, Q):
+            key = (id(A), id(Q))
+            if key not in self.memo.solutions:
+                self.memo.solutions[key] = (A, Q, self.inner.solve(A, Q))
+            return self.memo.solutions[key][2]
+
+    return SolveOnce(rtol=inner.rtol, inner=inner, memo=_Memo())
+
+
+def _stage(stages, name: str, lr, batch_size):
+    """The `jaxou.SGDStage` of `name`'s estimates at (lr, B), with the shared solver."""
+    import jaxou
+
+    est = stages[name].stage
+    return jaxou.SGDStage(
+        est.hessian, est.noise_cov, est.minimum, lr, batch_size, solver=stages["solver"]
+    )
 
 
 def _stage_info(est, m, sample) -> dict:
@@ -399,7 +453,7 @@ def _pretrain(stages, sgd, directions, size, steps, key) -> tuple[dict, dict]:
     d = est.dim
     lr, n, t1 = _schedule(est, size["pretrain_lr"])
     b = size["pretrain_batch"]
-    stage = jaxou.SGDStage(est.hessian, est.noise_cov, est.minimum, lr, b)
+    stage = _stage(stages, "source", lr, b)
     init = jaxou.Gaussian(est.minimum, jaxou.Diagonal(jnp.full(d, INIT_STD**2)))
     k0, k1 = jax.random.split(key)
     starts = est.minimum + INIT_STD * jax.random.normal(k0, (size["seeds"], d), est.minimum.dtype)
@@ -423,11 +477,10 @@ def _pretrain(stages, sgd, directions, size, steps, key) -> tuple[dict, dict]:
 
 
 def _finetune(stages, sgd, directions, pre, a, b, key, reference) -> tuple[dict, tuple]:
-    import jaxou
 
     est_t = stages["target"].stage
     lr, n, t2 = _schedule(est_t, a)
-    stage_t = jaxou.SGDStage(est_t.hessian, est_t.noise_cov, est_t.minimum, lr, b)
+    stage_t = _stage(stages, "target", lr, b)
     samples = np.asarray(sgd.run(pre["samples"], "target_train", lr, b, n, key))
     train, test = sgd.risks(samples, "target_train"), sgd.risks(samples, "target_test")
     gaps = test - train
@@ -485,10 +538,7 @@ def _discrepancy(stages, pre, stage_t, t2) -> dict:
     stationary laws of a singular noise covariance need not share a support."""
     import jaxou
 
-    est_s = stages["source"].stage
-    stage_s = jaxou.SGDStage(
-        est_s.hessian, est_s.noise_cov, est_s.minimum, stage_t.lr, stage_t.batch_size
-    )
+    stage_s = _stage(stages, "source", stage_t.lr, stage_t.batch_size)
     parts, error = _laws_or_error(
         lambda: jaxou.domain_discrepancy(
             stage_s.marginal(pre["init"], t2), stage_t.marginal(pre["init"], t2)
@@ -511,7 +561,6 @@ def _reference(stages, pre, stage_t, t2, point) -> dict:
     two stages)."""
     import jaxou
 
-    est_s = stages["source"].stage
     model = jaxou.TwoStage(pre["init"], pre["stage"], stage_t, pre["t"], t2)
     bound, error = _laws_or_error(
         lambda: jaxou.two_stage_bound(
@@ -531,9 +580,7 @@ def _reference(stages, pre, stage_t, t2, point) -> dict:
             "finetune_bound": float(bound.finetune_bound),
             "finetune_dominates": bool(bound.finetune_dominates),
         }
-    stage_s = jaxou.SGDStage(
-        est_s.hessian, est_s.noise_cov, est_s.minimum, stage_t.lr, stage_t.batch_size
-    )
+    stage_s = _stage(stages, "source", stage_t.lr, stage_t.batch_size)
     parts, out["discrepancy_stationary_error"] = _laws_or_error(
         lambda: jaxou.domain_discrepancy(stage_s, stage_t)
     )
