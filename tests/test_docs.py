@@ -72,7 +72,7 @@ def _article_text(page_html: str) -> str:
 def test_site_builds_strict(site):
     for page in ("", "getting-started", "theory", "cli", "configuration", "benchmarks", "api"):
         assert (site / page / "index.html").is_file(), page
-    for guide in ("lyapunov", "simulate", "theory-at-scale", "real-training"):
+    for guide in ("lyapunov", "simulate", "theory-at-scale", "large-scale", "real-training"):
         assert (site / "guides" / guide / "index.html").is_file(), guide
     # The benchmark plots are copied from benchmarks/results/ at build time.
     for png in (ROOT / "benchmarks" / "results").glob("*.png"):
@@ -94,7 +94,8 @@ def test_every_public_name_is_in_the_api_reference(site):
     assert not stale, f"docs/api/ documents names that jaxou does not export: {stale}"
     # And each one was rendered, with its anchor, on its page.
     for name, page in documented.items():
-        assert f'id="jaxou.{name}"' in _page(site, f"api/{page}"), name
+        where = "api" if page == "index" else f"api/{page}"
+        assert f'id="jaxou.{name}"' in _page(site, where), name
 
 
 def test_configuration_reference_lists_every_field(site):
