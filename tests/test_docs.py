@@ -69,6 +69,7 @@ def _article_text(page_html: str) -> str:
     return html.unescape(re.sub(r"<[^>]+>", " ", body))
 
 
+@pytest.mark.slow
 def test_site_builds_strict(site):
     for page in ("", "getting-started", "theory", "cli", "configuration", "benchmarks", "api"):
         assert (site / page / "index.html").is_file(), page
@@ -79,6 +80,7 @@ def test_site_builds_strict(site):
         assert (site / "img" / "benchmarks" / png.name).is_file(), png.name
 
 
+@pytest.mark.slow
 def test_every_public_name_is_in_the_api_reference(site):
     documented: dict[str, str] = {}
     for page in sorted((DOCS / "api").glob("*.md")):
@@ -98,6 +100,7 @@ def test_every_public_name_is_in_the_api_reference(site):
         assert f'id="jaxou.{name}"' in _page(site, where), name
 
 
+@pytest.mark.slow
 def test_configuration_reference_lists_every_field(site):
     from jaxou._config import SCHEMA
 
@@ -107,6 +110,7 @@ def test_configuration_reference_lists_every_field(site):
             assert f'id="{table}.{key}"' in page, f"{table}.{key} missing from the page"
 
 
+@pytest.mark.slow
 def test_cli_reference_has_every_command(site):
     from jaxou._cli import COMMANDS
 
@@ -117,6 +121,7 @@ def test_cli_reference_has_every_command(site):
         assert f'id="jaxou-{command}"' in text, command
 
 
+@pytest.mark.slow
 def test_math_is_rendered_everywhere(site):
     """No `$` or `**` left in the prose of any page: math reached arithmatex and
     Markdown emphasis was parsed (docstrings included)."""

@@ -102,6 +102,7 @@ def test_sign_convention(rng):
     np.testing.assert_allclose(A @ X + X @ A.T, Q, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_batch_broadcast_and_vmap(rng):
     d = 6
     A = np.stack([[random_spd(rng, d) for _ in range(3)] for _ in range(2)])

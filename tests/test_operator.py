@@ -148,6 +148,7 @@ def test_stationary_law_against_scipy(rng, constant_diagonal):
     assert np.allclose(law.cov_matrix(), ref, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_finite_time_laws_and_bound_with_a_non_constant_diagonal(rng):
     """Operator stages whose Hessian has a non-constant diagonal part and whose
     noise has a zero diagonal entry: the low-rank solver, the flow e^{-tH} and the

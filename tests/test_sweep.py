@@ -293,6 +293,7 @@ def test_reverse_mode_gradient_equals_sensitivity(models):
             )
 
 
+@pytest.mark.slow
 def test_second_derivatives_against_finite_differences(models):
     """The KL terms' derivative rule is itself differentiable: Hessians of the
     fine-tuning KL in (Hessian scale, shift, fine-tuning lr) against central
@@ -316,6 +317,7 @@ def test_second_derivatives_against_finite_differences(models):
         np.testing.assert_allclose(hess[:, i], fd, rtol=1e-6, atol=1e-9 * np.abs(hess).max())
 
 
+@pytest.mark.slow
 def test_gradient_in_the_initial_law_eigen_equals_plain(models):
     """Differentiating with respect to the model (here the initial covariance,
     which enters the pre-training KL through its Cholesky factor and the
@@ -337,6 +339,7 @@ def test_gradient_in_the_initial_law_eigen_equals_plain(models):
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10 * np.abs(b).max())
 
 
+@pytest.mark.slow
 def test_float32_model_gives_float32_terms_and_gradients(models):
     """A float32 model is evaluated and differentiated in float32 (the KL terms'
     own derivative included), within float32 accuracy of the float64 results."""
@@ -430,6 +433,7 @@ chunk_size = 5
 """
 
 
+@pytest.mark.slow
 def test_sweep_cli_resumes_and_refuses_a_different_config(tmp_path, capsys, monkeypatch):
     import pyarrow.parquet as pq
 
