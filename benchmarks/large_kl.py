@@ -13,7 +13,7 @@ import numpy as np
 import scipy.linalg as sl
 
 jax.config.update("jax_enable_x64", True)
-import jaxou
+import jaxou  # noqa: E402  (after x64 is switched on)
 
 d, k, m = 2000, 20, 50
 rng = np.random.default_rng(0)
