@@ -67,6 +67,11 @@ def test_zero_diagonal_entries_move_into_the_factor(rng):
     P = M.with_positive_diagonal()
     assert P.rank == M.rank + 2 and np.all(np.asarray(P.diagonal) > 0)
     assert np.allclose(P.as_matrix(), M.as_matrix(), atol=1e-14)
+    # An all-zero diagonal at large d (an exact per-example noise factor) is refused
+    # with the reason, not turned into a d x d allocation.
+    big = jaxou.DiagonalPlusLowRank(jnp.zeros(20_000), jnp.ones((20_000, 1)))
+    with pytest.raises(ValueError, match="diagonal entries are zero"):
+        big.with_positive_diagonal()
 
 
 def test_gaussian_kl_logpdf_against_dense(rng):

@@ -27,6 +27,9 @@ __all__ = ["DiagonalPlusLowRank", "sym"]
 # only the cheap checks (finite entries, signs of the diagonal, a symmetric core) run.
 _CHECK_FLOPS = 1e10
 
+# with_positive_diagonal refuses to add more than this many numbers (1 GB in float64).
+_MAX_ZERO_COLUMNS_ENTRIES = 2**27
+
 
 def sym(M: Array) -> Array:
     """(M + Mᵀ)/2 over the last two axes."""
@@ -190,9 +193,19 @@ class DiagonalPlusLowRank(AbstractOperator):
         zeros = np.flatnonzero(g == 0)
         if zeros.size == 0:
             return self
+        n0 = zeros.size
+        if n0 * self.dim > _MAX_ZERO_COLUMNS_ENTRIES:
+            raise ValueError(
+                f"DiagonalPlusLowRank: {n0} of its {self.dim} diagonal entries are zero; moving "
+                f"them into the factor would add {n0} columns of length {self.dim} (more than "
+                f"{_MAX_ZERO_COLUMNS_ENTRIES:.0e} numbers). Solves, log-determinants and KL "
+                "divergences need a mostly positive diagonal: a singular noise covariance "
+                "gives singular stationary laws, whose KL is only defined on their common "
+                "support; use finite-time laws (positive definite from a positive definite "
+                "initial law) or add a small diagonal floor"
+            )
         positive = g[g > 0]
         s = float(np.mean(positive)) if positive.size else 1.0
-        n0 = zeros.size
         E = jnp.zeros((self.dim, n0), self.dtype).at[zeros, jnp.arange(n0)].set(1)
         m = self.rank
         core = jnp.block(
