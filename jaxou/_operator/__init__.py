@@ -1,7 +1,7 @@
 """Layer 1: covariance operators (dense, diagonal, diagonal plus low rank)."""
 
 from .base import DENSE_LIMIT as DENSE_LIMIT, AbstractOperator as AbstractOperator
-from .convert import as_dplr as as_dplr, as_operator as as_operator, densify as densify
+from .convert import as_dplr as as_dplr, densify as densify
 from .dense import (
     Dense as Dense,
     check_matrix as check_matrix,

@@ -10,13 +10,7 @@ from .dense import Dense
 from .diagonal import Diagonal
 from .lowrank import DiagonalPlusLowRank
 
-__all__ = ["as_operator", "as_dplr", "densify"]
-
-
-def as_operator(x: Array | AbstractOperator) -> AbstractOperator:
-    """An operator for `x`: operators pass through, a `[d, d]` array becomes a
-    [`jaxou.Dense`][]."""
-    return x if isinstance(x, AbstractOperator) else Dense(x)
+__all__ = ["as_dplr", "densify"]
 
 
 def as_dplr(x: AbstractOperator) -> DiagonalPlusLowRank | None:
