@@ -317,10 +317,10 @@ def _compress_blocks(blocks, d, dtype, rtol, max_rank) -> tuple[Array, np.ndarra
         if max_rank is not None and acc.width + width > max_rank and acc.width:
             # Part of the tolerance, measured against what is held so far.
             used += acc.compress(
-                0.25 * spare * rtol * acc.fro(), residual=False, max_width=max(max_rank - width, 0)
+                0.25 * spare * rtol * acc.fro(), max_width=max(max_rank - width, 0)
             )
             spare *= 0.5
         acc.append(V, T)
     budget = max(rtol * acc.fro() - used, 0.0)
-    acc.compress(budget, residual=False, max_width=max_rank)
+    acc.compress(budget, max_width=max_rank)
     return acc.factor()

@@ -5,10 +5,12 @@ in place: the memory-bounded core of the large-scale solvers
 The factor $Z$ (`[d, N]`) is kept as a list of panels (`[d, P]` arrays), so that
 appending a block never copies what is already there and every product over $d$
 touches only the columns in use. Alongside it the small matrices are kept in
-float64 NumPy: the core $K$, the Gram matrix $G = Z^\top Z$ and, where truncation
-is measured in the residual of a Lyapunov equation, $G_2 = (HZ)^\top(HZ)$. Each
-append costs one pass over the old panels ($O(dNP)$); nothing is orthogonalised
-until a compression.
+float64 NumPy: the core $K$ and the Gram matrix $G = Z^\top Z$. Each append costs
+one pass over the old panels ($O(dNP)$); nothing is orthogonalised until a
+compression. Where truncation is measured in the residual of a Lyapunov equation,
+the caller hands `compress` the matrix $G_2 = (HZ)^\top(HZ)$ (the ADI solver
+knows it from a recurrence, without touching $d$; see `adi.py`), and the
+accumulator keeps its rotated form.
 
 **Compression** (column compression by the Gram matrix, with a shift). With
 $G = E\,\mathrm{diag}(g)\,E^\top$ and $s = N\varepsilon\max g$, let
@@ -41,14 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-__all__ = ["LowRankAccumulator", "hessian_mv", "lowrank_fro"]
+__all__ = ["LowRankAccumulator", "lowrank_fro"]
 
 _ROW_CHUNK = 4096  # rows per step of the in-place rotation
-
-
-def hessian_mv(h: Array, U: Array, lam: Array, x: Array) -> Array:
-    """(diag(h) + U Λ Uᵀ) x for a block x [d, n]."""
-    return h[:, None] * x + U @ (lam @ (U.T @ x))
 
 
 def lowrank_fro(gram: np.ndarray, core: np.ndarray) -> float:
@@ -65,18 +62,6 @@ def lowrank_fro(gram: np.ndarray, core: np.ndarray) -> float:
 @jax.jit
 def _cross(panel: Array, block: Array) -> Array:
     return panel.T @ block
-
-
-@jax.jit
-def _cross2(panel: Array, block: Array, block2: Array) -> tuple[Array, Array]:
-    return panel.T @ block, panel.T @ block2
-
-
-@jax.jit
-def _self_terms(block: Array, h: Array, U: Array, lam: Array):
-    """For a new panel p: H²p, pᵀp and (Hp)ᵀ(Hp)."""
-    Hp = hessian_mv(h, U, lam, block)
-    return hessian_mv(h, U, lam, Hp), block.T @ block, Hp.T @ Hp
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames="n_out")
@@ -106,19 +91,16 @@ def _rotate(panels: tuple[Array, ...], R: Array, n_out: int) -> tuple[Array, ...
 class LowRankAccumulator:
     r"""$X = ZKZ^\top$ with $Z$ in panels of `panel` columns (see the module
     docstring). A plain mutable Python object for the eager loops of the
-    large-scale solvers, never traced.
-
-    `hessian = (h, U, Λ)` also keeps $G_2 = (HZ)^\top(HZ)$ for truncation measured
-    in the residual $\|HE + EH\|_F$; without it truncation is measured in
-    $\|E\|_F$.
+    large-scale solvers, never traced. `gram2` is $G_2 = (HZ)^\top(HZ)$ as of the
+    last compression that was given one (rotated with the factor), else `None`.
     """
 
-    def __init__(self, dim: int, dtype, panel: int, hessian: tuple | None = None):
-        self.dim, self.dtype, self.panel, self.hessian = dim, dtype, panel, hessian
+    def __init__(self, dim: int, dtype, panel: int):
+        self.dim, self.dtype, self.panel = dim, dtype, panel
         self.panels: list[Array] = []
         self.core = np.zeros((0, 0))
         self.gram = np.zeros((0, 0))
-        self.gram2 = np.zeros((0, 0)) if hessian is not None else None
+        self.gram2: np.ndarray | None = None
         self.rank = 0  # columns in use after the last compression
 
     @property
@@ -141,35 +123,33 @@ class LowRankAccumulator:
     def _append_panel(self, p: Array) -> None:
         N, P = self.width, self.panel
         cross = np.zeros((N, P))
-        cross2 = np.zeros((N, P)) if self.hessian is not None else None
-        if self.hessian is not None:
-            H2p, pp, hh = _self_terms(p, *self.hessian)
-            for i, old in enumerate(self.panels):
-                c1, c2 = _cross2(old, p, H2p)
-                cross[i * P : (i + 1) * P] = np.asarray(c1, np.float64)
-                cross2[i * P : (i + 1) * P] = np.asarray(c2, np.float64)
-            del H2p
-            self.gram2 = _grow(self.gram2, cross2, hh)
-        else:
-            pp = p.T @ p
-            for i, old in enumerate(self.panels):
-                cross[i * P : (i + 1) * P] = np.asarray(_cross(old, p), np.float64)
+        for i, old in enumerate(self.panels):
+            cross[i * P : (i + 1) * P] = np.asarray(_cross(old, p), np.float64)
         self.panels.append(p)
-        self.gram = _grow(self.gram, cross, pp)
+        self.gram = _grow(self.gram, cross, _cross(p, p))
         self.core = np.pad(self.core, ((0, P), (0, P)))
+
+    def cross(self, block: Array) -> np.ndarray:
+        """Zᵀ V (float64) for a block V [d, n], one pass over the panels."""
+        out = [np.asarray(_cross(p, block.astype(self.dtype)), np.float64) for p in self.panels]
+        return np.concatenate(out, axis=0) if out else np.zeros((0, block.shape[1]))
 
     def fro(self) -> float:
         """‖Z K Zᵀ‖_F = tr(KGKG)^{1/2} (for tolerances: no eigendecomposition)."""
         KG = self.core @ self.gram
         return float(np.sqrt(max(float(np.sum(KG * KG.T)), 0.0)))
 
-    def compress(self, budget: float, *, residual: bool, max_width: int | None = None) -> float:
+    def compress(
+        self, budget: float, *, gram2: np.ndarray | None = None, max_width: int | None = None
+    ) -> float:
         """Drop directions while the error bound stays within `budget` (measured in
-        ‖HE + EH‖_F if `residual`, else in ‖E‖_F), and in any case down to
-        `max_width` columns; rotate the panels in place and leave the core
-        diagonal. Returns the bound on what was dropped."""
+        ‖HE + EH‖_F if `gram2` = (HZ)ᵀ(HZ) [N, N] is given, else in ‖E‖_F), and in
+        any case down to `max_width` columns; rotate the panels in place and leave
+        the core diagonal. Returns the bound on what was dropped."""
         if self.width == 0:
             return 0.0
+        residual = gram2 is not None
+        self.gram2 = _sym(np.asarray(gram2, np.float64)) if residual else None
         R, theta, score, ynorm = self._eigen_directions(residual)
         order = np.argsort(score, kind="stable")
         factor = (2.0 if residual else 1.0) * ynorm
