@@ -26,6 +26,7 @@ from ._operator import (
     densify,
     psd_sqrt,
 )
+from ._operator.lowrank import _diagonal_core, weighted_gram, weighted_sq_norms
 
 __all__ = ["Gaussian", "KLDecomposition", "kl", "kl_parts", "w2"]
 
@@ -259,19 +260,23 @@ def _kl_parts_structured(mp, P: DiagonalPlusLowRank, mq, Q: DiagonalPlusLowRank)
     D_q^{-1}Z_p) - \mathrm{tr}(K A^\top\Sigma_p A) - \sum\ln(1+\tau_p) +
     \sum\ln(1+\tau_q)]$, $\varphi(u) = e^u-1-u$: the diagonal parts, which carry
     the $O(d)$ bulk, enter through $\varphi$ without cancellation. Every pass over
-    $d$ is a matrix product; the rest is $m \times m$."""
+    $d$ is a matrix product over row blocks (no `[d, m]` temporary); the rest is
+    $m \times m$."""
     gp, gq = P.diagonal, Q.diagonal
     wp, wq = P.whitened(basis=False), Q.whitened(basis=False)
-    A = Q.factor / gq[:, None]
+    iq = 1 / gq
     diag_part = jnp.sum(_phi(jnp.log(gp) - jnp.log(gq)))
-    tr_low = jnp.sum((P.factor.T @ (P.factor / gq[:, None])) * P.core)
-    AZ = A.T @ P.factor
-    APA = A.T @ (A * gp[:, None]) + AZ @ P.core @ AZ.T  # Aᵀ Σ_p A
+    if _diagonal_core(P.core):  # tr(S_p Z_pᵀD_q⁻¹Z_p) needs only column norms
+        tr_low = jnp.sum(jnp.diag(P.core) * weighted_sq_norms(P.factor, iq))
+    else:
+        tr_low = jnp.sum(weighted_gram(P.factor, iq, P.factor) * P.core)
+    AZ = weighted_gram(Q.factor, iq, P.factor)  # Aᵀ Z_p
+    APA = weighted_gram(Q.factor, gp * iq * iq, Q.factor) + AZ @ P.core @ AZ.T  # Aᵀ Σ_p A
     tr_corr = jnp.sum(wq.inner * APA)
     logdets = jnp.sum(jnp.log1p(wq.tau)) - jnp.sum(jnp.log1p(wp.tau))
     cov = 0.5 * (diag_part + tr_low - tr_corr + logdets)
     diff = mp - mq
-    z = A.T @ diff
+    z = weighted_gram(Q.factor, iq, diff[:, None])[:, 0]
     shift = 0.5 * (jnp.sum(diff**2 / gq) - z @ wq.inner @ z)
     # The smallest eigenvalue of each whitened covariance I + Q diag(τ) Qᵀ, relative
     # to the largest: at or below support_rtol the law is singular.

@@ -62,6 +62,32 @@ def test_operator_algebra_against_dense(rng):
         assert np.allclose(op.scale(2.5).as_matrix(), 2.5 * A, rtol=1e-14)
 
 
+def test_products_over_row_blocks(rng):
+    """The row-blocked products behind whitening, solves and the KL (d above two
+    blocks, with a remainder) against NumPy, and their gradient against the
+    product formed at once."""
+    from jaxou._operator.lowrank import weighted_gram, weighted_sq_norms
+
+    d = 2 * 8192 + 1001
+    X, Y = rng.standard_normal((d, 4)), rng.standard_normal((d, 3))
+    w = rng.uniform(0.5, 2, d)
+    np.testing.assert_allclose(weighted_gram(X, w, Y), X.T @ (w[:, None] * Y), rtol=1e-12)
+    np.testing.assert_allclose(weighted_sq_norms(X, w), w @ X**2, rtol=1e-12)
+    f = lambda v: jnp.sum(weighted_gram(jnp.asarray(X), v, jnp.asarray(Y)) ** 2)
+    g = lambda v: jnp.sum((X.T @ (v[:, None] * Y)) ** 2)
+    ref = jax.grad(g)(jnp.asarray(w))  # entries that cancel get absolute rounding
+    np.testing.assert_allclose(
+        jax.grad(f)(jnp.asarray(w)), ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max()
+    )
+    M = jaxou.DiagonalPlusLowRank(w, X, jnp.diag(jnp.asarray([1.0, 2.0, 0.5, 3.0])))
+    x = rng.standard_normal(d)
+    # M⁻¹x by Woodbury in NumPy (an m × m system)
+    A = X / w[:, None]
+    K = np.linalg.inv(np.diag([1.0, 1 / 2, 2.0, 1 / 3]) + X.T @ A)
+    ref = x / w - A @ (K @ (A.T @ x))
+    np.testing.assert_allclose(M.solve(x), ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+
+
 def test_zero_diagonal_entries_move_into_the_factor(rng):
     M = _dplr(rng, 3, zeros=(0, 5))
     P = M.with_positive_diagonal()
