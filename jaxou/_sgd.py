@@ -80,7 +80,10 @@ class SGDStage(eqx.Module):
       (default): [`jaxou.Eigh`][] for dense matrices; for operators the exact
       structured solution where a closed form exists (diagonal $H$ and $C$, or a
       constant diagonal part of $H$), else [`jaxou.LowRankADI`][] with its default
-      tolerance. Pass e.g. `LowRankADI(rtol=1e-10)` to tighten it.
+      tolerance. Pass e.g. `LowRankADI(rtol=1e-10)` to tighten it, or
+      `LowRankADI(rtol=1e-6)` to loosen it at scale; its `rtol` is also the
+      compression tolerance of this stage's finite-time laws
+      ([`jaxou.finite_time_cov`][]).
 
     **Raises:** `ValueError` naming the argument for wrong shapes, non-finite
     entries, non-symmetric or indefinite matrices, or a non-positive
@@ -225,7 +228,8 @@ def _operator_marginal(stage: SGDStage, initial: Gaussian, t: Array) -> Gaussian
         what = "the finite-time law (a dense initial law or a non-positive diagonal)"
         Hd, Dd = densify(H, what), densify(D, what)
         return marginal_law(Hd, stage.minimum, Dd, initial, t, symmetric=True)
-    cov = finite_time_cov(H, stage.stationary().cov, initial.cov, t)
+    rtol = getattr(stage.solver, "rtol", None)  # the stage's accuracy, for both laws
+    cov = finite_time_cov(H, stage.stationary().cov, initial.cov, t, rtol=rtol)
     mean = stage.minimum + flow_operator(H, t).mv(initial.mean - stage.minimum)
     return Gaussian(mean, cov)
 
