@@ -155,6 +155,23 @@ def child_scale(args) -> dict:
     return out
 
 
+def _load_aligned(path: str) -> np.ndarray:
+    """`np.load`, into a 64-byte aligned buffer: JAX adopts such an array without a
+    copy (`jax.dlpack.from_dlpack`), while `np.load`'s own (16-byte aligned) array
+    would be copied, 6 GB more at d = 10^6."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(f)
+        size = int(np.prod(shape)) * dtype.itemsize
+        raw = np.empty(size + 64, np.uint8)
+        start = (-raw.ctypes.data) % 64
+        out = raw[start : start + size].view(dtype).reshape(shape)
+        f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+    return out
+
+
 def child_two_stage(args) -> dict:
     """Two stages' stationary laws and the KL between them at one tolerance, through
     the public API: `jaxou.LowRankADI(rtol, max_rank).solve` for each stage,
@@ -205,7 +222,7 @@ def child_two_stage(args) -> dict:
             del X
         t0 = time.perf_counter()
         mean1, diag1, path, core1 = laws[0]
-        factor1 = jax.dlpack.from_dlpack(np.load(path))  # no copy (jnp.asarray copies)
+        factor1 = jax.dlpack.from_dlpack(_load_aligned(path))  # no copy
         load_s = time.perf_counter() - t0
         pre = jaxou.Gaussian(mean1, jaxou.DiagonalPlusLowRank(diag1, factor1, core1))
         mean2, diag2, factor2, core2 = laws[1]
