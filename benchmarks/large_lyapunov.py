@@ -309,8 +309,10 @@ def _md(payload: dict) -> str:
             "## Two stages and their KL (one child process per tolerance)",
             "",
             "Two stationary laws (stage 2: h scaled by exp(0.2 ξ), new U, Λ, c, Z, S; "
-            "c > 0 here: with 10 % of c zero the laws are numerically singular on "
-            "those coordinates and their KL has no finite value), each from "
+            "c > 0 here: with 10 % of c zero, D₀ = q/2h vanishes on 10^5 coordinates, "
+            "which a factor of a few hundred columns cannot cover, so the laws are "
+            "numerically singular there and the Woodbury algebra of the KL has no "
+            "positive diagonal to work with), each from "
             "`jaxou.LowRankADI(rtol, max_rank).solve`, then `jaxou.kl_parts` (fine-tuned "
             "against pre-trained). The first factor waits on disk while the second "
             "stage is solved.",
@@ -357,7 +359,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--blas-threads", default="1")
     parser.add_argument(
-        "--append", action="store_true", help="keep the rows of an earlier run's JSON"
+        "--append",
+        action="store_true",
+        help="keep the parts of an earlier run's JSON that are not rerun",
     )
     args = parser.parse_args()
     if args.child:
@@ -382,7 +386,7 @@ def main() -> None:
         )
         print(json.dumps(payload["accuracy"]), flush=True)
     if "scale" in args.parts:
-        payload.setdefault("scale", [])
+        payload["scale"] = []  # --append keeps the other parts; a rerun part is replaced
         for d in args.sizes:
             for rtol in args.rtols:
                 extra = ["--d", str(d), "--rtol", str(rtol)]
@@ -394,7 +398,7 @@ def main() -> None:
                 payload["scale"].append(row)
                 print(json.dumps(row), flush=True)
     if "two_stage" in args.parts:
-        payload.setdefault("two_stage", [])
+        payload["two_stage"] = []
         for rtol in args.rtols:
             extra = ["--d", str(args.sizes[-1]), "--rtol", str(rtol)]
             if args.max_rank:
