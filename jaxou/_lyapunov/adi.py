@@ -346,8 +346,10 @@ class LowRankADI(AbstractLyapunovSolver):
     The solve runs a Python loop over ADI steps (the rank is decided on the way),
     each step a few compiled kernels over $d$: call it eagerly, not under `jit`.
     Memory: the factor (at most `max_rank` columns, or one column block of
-    $m + 2k$ per step), a few blocks of $m + 2k$ columns, and small matrices;
-    returning the factor copies it once (a peak of twice the returned rank).
+    $m + 2k$ per step), a panel of two blocks being filled, $W$ and its copy
+    $W_c$, and small matrices; returning the factor copies it once (a peak of
+    twice the returned rank). At $d = 10^6$, $m + 2k = 90$, rtol $10^{-6}$:
+    about 14 GB with `max_rank=1260`, 16 GB without.
 
     **Attributes:**
 
