@@ -386,7 +386,11 @@ def main() -> None:
         )
         print(json.dumps(payload["accuracy"]), flush=True)
     if "scale" in args.parts:
-        payload["scale"] = []  # --append keeps the other parts; a rerun part is replaced
+        # --append keeps the rows that are not rerun; a rerun (d, rtol) is replaced
+        rerun = {(d, rtol) for d in args.sizes for rtol in args.rtols}
+        payload["scale"] = [
+            r for r in payload.get("scale", []) if (r.get("d"), r.get("rtol")) not in rerun
+        ]
         for d in args.sizes:
             for rtol in args.rtols:
                 extra = ["--d", str(d), "--rtol", str(rtol)]
@@ -408,6 +412,7 @@ def main() -> None:
             row.setdefault("rtol", rtol)
             payload["two_stage"].append(row)
             print(json.dumps(row), flush=True)
+    payload.get("scale", []).sort(key=lambda r: (r.get("d", 0), -r.get("rtol", 0)))
     _common.write_json("large_lyapunov", payload)
     _common.write_text("large_lyapunov.md", _md(payload))
 
