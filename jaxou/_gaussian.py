@@ -206,13 +206,7 @@ def kl_parts(p: Gaussian, q: Gaussian) -> KLDecomposition:
     concrete inputs, where the supports differ ($\Sigma_p$ has mass outside
     $\mathrm{range}(\Sigma_q)$, or is singular inside it) or where the mean shift
     leaves the support. Structured covariances that are singular go through the
-    same dense computation (up to jaxou's dense limit). For them the test is on the
-    whitened covariance $D^{-1/2}\Sigma D^{-1/2} = I + Q\,\mathrm{diag}(\tau)Q^\top$
-    that their algebra uses: singular where $1 + \min\tau \le 10\,m\,\varepsilon\,
-    (1 + \max\tau)$, the rounding of the $m \times m$ eigenproblem that gives
-    $\tau$ ($m$ the larger rank); a law that is merely ill-conditioned (a stationary
-    law at $d = 10^6$ has $1 + \min\tau$ near $10^{-12}(1 + \max\tau)$) is computed
-    in $O(dm^2)$.
+    same dense computation (up to jaxou's dense limit).
 
     Structured covariances ([`jaxou.Diagonal`][], [`jaxou.DiagonalPlusLowRank`][])
     go through the Woodbury identity instead, in $O(dm^2)$ (see
@@ -240,8 +234,7 @@ def kl_parts(p: Gaussian, q: Gaussian) -> KLDecomposition:
         if is_concrete(P.diagonal, Q.diagonal):
             P, Q = P.with_positive_diagonal(), Q.with_positive_diagonal()
         parts, smallest = _kl_parts_structured(p.mean, P, q.mean, Q)
-        m = max(P.rank, Q.rank, 1)
-        if not is_concrete(smallest) or float(smallest) > support_rtol(m, p.mean.dtype):
+        if not is_concrete(smallest) or float(smallest) > support_rtol(p.dim, p.mean.dtype):
             return parts
     # A dense operator, or a numerically singular structured one: densely.
     what = "kl with a singular or dense operator"
@@ -286,8 +279,7 @@ def _kl_parts_structured(mp, P: DiagonalPlusLowRank, mq, Q: DiagonalPlusLowRank)
     z = weighted_gram(Q.factor, iq, diff[:, None])[:, 0]
     shift = 0.5 * (jnp.sum(diff**2 / gq) - z @ wq.inner @ z)
     # The smallest eigenvalue of each whitened covariance I + Q diag(τ) Qᵀ, relative
-    # to the largest: at or below the rounding of the m × m eigenproblem that gives
-    # τ (support_rtol with m for d, see kl_parts) it is not resolved.
+    # to the largest: at or below support_rtol the law is singular.
     smallest = jnp.minimum(_relative_floor(wp.tau), _relative_floor(wq.tau))
     return KLDecomposition(cov + shift, cov, shift), smallest
 

@@ -241,6 +241,11 @@ def _adi_step_jax(h, U, lam, W, p, base, panel, slot):
     return W, WtW, cross, panel
 
 
+def _hessian_mv(h, U, lam, x):
+    """(diag(h) + U Λ Uᵀ) x for a block x [d, n] (NumPy or JAX arrays)."""
+    return h[:, None] * x + U @ (lam @ (U.T @ x))
+
+
 _PROBES = 16  # random probes of the a-posteriori residual check
 _PROBE_ROWS = 65536  # row block of the float64 products with a float32 factor
 
@@ -263,9 +268,8 @@ def _lowrank_mv(xp, Y, theta, w):
 
 def _probe(xp, hess, rhs, D0, Y, theta, omega):
     """‖R ω‖_F² / s for the residual R = HX + XH - Q of X = D₀ + YΘYᵀ, ω [d, s]."""
-    h, U, lam = hess
     q, Z, S = rhs
-    H = lambda w: h[:, None] * w + U @ (lam @ (U.T @ w))
+    H = lambda w: _hessian_mv(*hess, w)
     X = lambda w: D0[:, None] * w + _lowrank_mv(xp, Y, theta, w)
     R = H(X(omega)) + X(H(omega)) - q[:, None] * omega - Z @ (S @ (Z.T @ omega))
     return xp.sum(R * R) / omega.shape[1]
@@ -490,16 +494,13 @@ class _ResidualGram:
 
     def _rebase(self, base) -> None:
         """W_c ← base, the W that the next step starts from."""
-        xp, (h, U, lam) = self.xp, self.hess
-        self.base = xp.array(base, copy=True)  # W is donated by the next step
+        self.base = self.xp.array(base, copy=True)  # W is donated by the next step
         self.base_gram = np.asarray(self.base.T @ self.base, np.float64)
         self.na = self.acc.width
         self.Aw = self.Ahw = np.zeros((0, self.base.shape[1]))
         if self.na:
             self.Aw = self.acc.cross(jnp.asarray(self.base))
-            H_base = h[:, None] * self.base + U @ (lam @ (U.T @ self.base))
-            self.Ahw = self.acc.cross(jnp.asarray(H_base))
-            del H_base
+            self.Ahw = self.acc.cross(jnp.asarray(_hessian_mv(*self.hess, self.base)))
         self.shifts: list[float] = []
         self.L = np.zeros((0, 0))  # H b_s = √(2p_s) W_c + Σ_l L[l, s] b_l (scalar blocks)
         self.wcoef = np.zeros(0)  # W_now = W_c + Σ_l wcoef[l] b_l

@@ -131,7 +131,8 @@ class LowRankAccumulator:
 
     def cross(self, block: Array) -> np.ndarray:
         """Zᵀ V (float64) for a block V [d, n], one pass over the panels."""
-        out = [np.asarray(_cross(p, block.astype(self.dtype)), np.float64) for p in self.panels]
+        block = block.astype(self.dtype)
+        out = [np.asarray(_cross(p, block), np.float64) for p in self.panels]
         return np.concatenate(out, axis=0) if out else np.zeros((0, block.shape[1]))
 
     def fro(self) -> float:
