@@ -26,7 +26,12 @@ from ._operator import (
     densify,
     psd_sqrt,
 )
-from ._operator.lowrank import _diagonal_core, weighted_gram, weighted_sq_norms
+from ._operator.lowrank import (
+    _diagonal_core,
+    weighted_gram,
+    weighted_sq_norms,
+    weighted_sym_gram,
+)
 
 __all__ = ["Gaussian", "KLDecomposition", "kl", "kl_parts", "w2"]
 
@@ -269,9 +274,9 @@ def _kl_parts_structured(mp, P: DiagonalPlusLowRank, mq, Q: DiagonalPlusLowRank)
     if _diagonal_core(P.core):  # tr(S_p Z_pᵀD_q⁻¹Z_p) needs only column norms
         tr_low = jnp.sum(jnp.diag(P.core) * weighted_sq_norms(P.factor, iq))
     else:
-        tr_low = jnp.sum(weighted_gram(P.factor, iq, P.factor) * P.core)
+        tr_low = jnp.sum(weighted_sym_gram(P.factor, iq) * P.core)
     AZ = weighted_gram(Q.factor, iq, P.factor)  # Aᵀ Z_p
-    APA = weighted_gram(Q.factor, gp * iq * iq, Q.factor) + AZ @ P.core @ AZ.T  # Aᵀ Σ_p A
+    APA = weighted_sym_gram(Q.factor, gp * iq * iq) + AZ @ P.core @ AZ.T  # Aᵀ Σ_p A
     tr_corr = jnp.sum(wq.inner * APA)
     logdets = jnp.sum(jnp.log1p(wq.tau)) - jnp.sum(jnp.log1p(wp.tau))
     cov = 0.5 * (diag_part + tr_low - tr_corr + logdets)

@@ -79,6 +79,18 @@ def test_products_over_row_blocks(rng):
     np.testing.assert_allclose(
         jax.grad(f)(jnp.asarray(w)), ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max()
     )
+    # the symmetric Gram by column blocks on and above the diagonal (3 blocks here)
+    from jaxou._operator.lowrank import weighted_sym_gram
+
+    Xw = rng.standard_normal((d, 530))
+    ref = Xw.T @ (w[:, None] * Xw)
+    np.testing.assert_allclose(weighted_sym_gram(Xw, w), ref, rtol=1e-12, atol=1e-13 * ref.max())
+    fs = lambda v: jnp.sum(jnp.sin(weighted_sym_gram(jnp.asarray(Xw[:, :300]), v)))
+    gs = lambda v: jnp.sum(jnp.sin(Xw[:, :300].T @ (v[:, None] * Xw[:, :300])))
+    ref = jax.grad(gs)(jnp.asarray(w))
+    np.testing.assert_allclose(
+        jax.grad(fs)(jnp.asarray(w)), ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max()
+    )
     M = jaxou.DiagonalPlusLowRank(w, X, jnp.diag(jnp.asarray([1.0, 2.0, 0.5, 3.0])))
     x = rng.standard_normal(d)
     # M⁻¹x by Woodbury in NumPy (an m × m system)

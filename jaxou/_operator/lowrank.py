@@ -25,7 +25,13 @@ from .base import DENSE_LIMIT, AbstractOperator
 from .dense import check_matrix
 from .diagonal import check_diagonal
 
-__all__ = ["DiagonalPlusLowRank", "sym", "weighted_gram", "weighted_sq_norms"]
+__all__ = [
+    "DiagonalPlusLowRank",
+    "sym",
+    "weighted_gram",
+    "weighted_sq_norms",
+    "weighted_sym_gram",
+]
 
 # The eager definiteness check whitens the matrix, O(d m²); above this many flops
 # only the cheap checks (finite entries, signs of the diagonal, a symmetric core) run.
@@ -44,21 +50,22 @@ _GRAM_ROWS = 8192  # rows per block of the products over d
 
 
 def _over_rows(term, init, *arrays):
-    """Σ over row blocks of term(*blocks): a `fori_loop` over full blocks and one
-    remainder, so that no temporary spans all d rows (differentiable: the loop has
-    static bounds)."""
+    """Σ over row blocks of term(*blocks) (an array or a tuple of arrays): a
+    `fori_loop` over full blocks and one remainder, so that no temporary spans all d
+    rows (differentiable: the loop has static bounds)."""
     d = arrays[0].shape[0]
+    add = lambda acc, t: jax.tree.map(jnp.add, acc, t)
     if d <= 2 * _GRAM_ROWS:
-        return init + term(*arrays)
+        return add(init, term(*arrays))
     n_full, rest = divmod(d, _GRAM_ROWS)
 
     def body(i, acc):
         blocks = [lax.dynamic_slice_in_dim(a, i * _GRAM_ROWS, _GRAM_ROWS, 0) for a in arrays]
-        return acc + term(*blocks)
+        return add(acc, term(*blocks))
 
     acc = lax.fori_loop(0, n_full, body, init)
     if rest:
-        acc = acc + term(*(a[n_full * _GRAM_ROWS :] for a in arrays))
+        acc = add(acc, term(*(a[n_full * _GRAM_ROWS :] for a in arrays)))
     return acc
 
 
@@ -69,6 +76,39 @@ def weighted_gram(X: Array, w: Array, Y: Array) -> Array:
     dtype = jnp.result_type(X, w, Y)
     init = jnp.zeros((X.shape[1], Y.shape[1]), dtype)
     return _over_rows(lambda x, v, y: x.T @ (v[:, None] * y), init, X, w, Y)
+
+
+_SYM_BLOCK = 256  # column block of weighted_sym_gram (smaller GEMMs run slower)
+
+
+@jax.jit
+def weighted_sym_gram(X: Array, w: Array) -> Array:
+    r"""$X^\top\mathrm{diag}(w)\,X$ (`[m, m]`, symmetric) for `X [d, m]`, `w [d]`,
+    by row blocks, computing only the blocks on and above the diagonal of a split of
+    the columns into $b$ blocks of at most 256: $(b+1)/2b$ of the products of
+    `weighted_gram` (0.625 at $m = 800$; the KL at $d = 10^6$ is three such Gram
+    matrices and one cross product)."""
+    m = X.shape[1]
+    b = -(-m // _SYM_BLOCK)
+    if b < 2:
+        return sym(weighted_gram(X, w, X))
+    edges = [round(i * m / b) for i in range(b + 1)]
+    pairs = [(i, j) for i in range(b) for j in range(i, b)]
+    dtype = jnp.result_type(X, w)
+    size = lambda i: edges[i + 1] - edges[i]
+    init = tuple(jnp.zeros((size(i), size(j)), dtype) for i, j in pairs)
+
+    def term(x, v):
+        vx = v[:, None] * x
+        cols = lambda a, i: a[:, edges[i] : edges[i + 1]]
+        return tuple(cols(x, i).T @ cols(vx, j) for i, j in pairs)
+
+    blocks = dict(zip(pairs, _over_rows(term, init, X, w)))
+    rows = [
+        jnp.concatenate([blocks[(i, j)] if i <= j else blocks[(j, i)].T for j in range(b)], axis=1)
+        for i in range(b)
+    ]
+    return sym(jnp.concatenate(rows, axis=0))
 
 
 @jax.jit
@@ -187,7 +227,7 @@ class DiagonalPlusLowRank(AbstractOperator):
         if self.rank == 0:
             empty = jnp.zeros((0,), self.dtype)
             return _Whitened(empty, self.factor, self.core)
-        gram = weighted_gram(self.factor, 1 / self.diagonal, self.factor)
+        gram = weighted_sym_gram(self.factor, 1 / self.diagonal)
         gamma, E = jnp.linalg.eigh(sym(gram))
         gamma = jnp.maximum(gamma, 0)
         root = jnp.sqrt(gamma)
