@@ -241,6 +241,15 @@ def _adi_step_jax(h, U, lam, W, p, base, panel, slot):
     return W, WtW, cross, panel
 
 
+@functools.partial(jax.jit, donate_argnums=3, static_argnums=6)  # W; width
+def _adi_step_jax_new(h, U, lam, W, p, base, width):
+    """`_adi_step` whose block starts a new panel of `width` columns (the rest
+    zero), written in one pass: no separate zero fill of a GB-sized buffer."""
+    block, W, WtW, cross = _adi_step(jnp, h, U, lam, W, p, base)
+    pad = jnp.zeros((block.shape[0], width - block.shape[1]), block.dtype)
+    return W, WtW, cross, jnp.concatenate([block, pad], axis=1)
+
+
 def _hessian_mv(h, U, lam, x):
     """(diag(h) + U Λ Uᵀ) x for a block x [d, n] (NumPy or JAX arrays)."""
     return h[:, None] * x + U @ (lam @ (U.T @ x))
@@ -597,12 +606,14 @@ def _run(solver: LowRankADI, hess, rhs, interval, rtol) -> tuple[LyapunovSolutio
             if cap is not None and acc.width + P > cap:
                 budget = 0.5 * max(0.5 * target - used, 0.0)
                 used += gram2.compress(budget, (cap // P - 1) * P, W)
-            panel = np.zeros((d, P)) if wide else jnp.zeros((d, P), dtype)
+            panel = np.zeros((d, P)) if wide else P  # jax: made by the step
         p = float(shifts[steps % J])
         if wide:
             block, W, WtW, cross = _adi_step(np, *args, W, p, gram2.base)
             panel[:, slot * n : (slot + 1) * n] = block
             del block
+        elif slot == 0:
+            W, WtW, cross, panel = _adi_step_jax_new(*args, W, jnp.asarray(p, dtype), gram2.base, P)
         else:
             W, WtW, cross, panel = _adi_step_jax(
                 *args, W, jnp.asarray(p, dtype), gram2.base, panel, slot

@@ -66,15 +66,19 @@ def _cross(panel: Array, block: Array) -> Array:
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames="n_out")
 def _rotate(panels: tuple[Array, ...], R: Array, n_out: int) -> tuple[Array, ...]:
-    """The first `n_out` panels ← (concatenated panels) @ R (R has n_out·P columns),
-    in place, row block by row block. All panels come back (the others unchanged),
-    so that every donated buffer is reused."""
+    """The first `n_out` panels ← (concatenated panels) @ R, in place, row block by
+    row block; R has at most n_out·P columns, the rest of the last panel is zero (not
+    computed). All panels come back (the others unchanged), so that every donated
+    buffer is reused."""
     d, P = panels[0].shape
     chunk = min(_ROW_CHUNK, d)
+    pad = n_out * P - R.shape[1]
 
     def rotate_rows(ps, start, size):
         rows = jnp.concatenate([lax.dynamic_slice_in_dim(p, start, size, 0) for p in ps], 1)
         new = rows @ R
+        if pad:
+            new = jnp.concatenate([new, jnp.zeros((size, pad), new.dtype)], axis=1)
         out = [
             lax.dynamic_update_slice_in_dim(ps[j], new[:, j * P : (j + 1) * P], start, 0)
             for j in range(n_out)
@@ -184,7 +188,7 @@ class LowRankAccumulator:
         n_out = -(-r // P)
         R_pad = np.pad(R, ((0, 0), (0, n_out * P - r)))
         if n_out:
-            panels = _rotate(tuple(self.panels), jnp.asarray(R_pad, self.dtype), n_out)
+            panels = _rotate(tuple(self.panels), jnp.asarray(R, self.dtype), n_out)
             self.panels = list(panels[:n_out])
         else:
             self.panels = []
