@@ -239,8 +239,20 @@ def kl_parts(p: Gaussian, q: Gaussian) -> KLDecomposition:
         if is_concrete(P.diagonal, Q.diagonal):
             P, Q = P.with_positive_diagonal(), Q.with_positive_diagonal()
         parts, smallest = _kl_parts_structured(p.mean, P, q.mean, Q)
-        if not is_concrete(smallest) or float(smallest) > support_rtol(p.dim, p.mean.dtype):
+        tol = support_rtol(p.dim, p.mean.dtype)
+        if not is_concrete(smallest) or float(smallest) > tol:
             return parts
+        if p.dim > DENSE_LIMIT:
+            eps = float(jnp.finfo(p.mean.dtype).eps)
+            raise ValueError(
+                f"kl: a covariance is numerically singular at d = {p.dim}: the smallest "
+                f"eigenvalue of its whitened form is {float(smallest):.3g} of the largest, "
+                f"at or below the support tolerance 10·d·ε = {tol:.3g} "
+                f"({p.mean.dtype}, ε = {eps:.3g}). The KL on a common support needs the "
+                f"dense computation, limited to d <= {DENSE_LIMIT}. If the laws are not "
+                "meant to be singular, their condition number is beyond what this dtype "
+                "resolves: use float64 (or regularise the covariances)."
+            )
     # A dense operator, or a numerically singular structured one: densely.
     what = "kl with a singular or dense operator"
     dense_p, dense_q = densify(p.cov, what), densify(q.cov, what)

@@ -115,3 +115,15 @@ def test_regular_inputs_are_unchanged_by_the_singular_branch(rng):
     # Forming Sp, Sq from their eigenvectors costs a relative error of about
     # κ ε = 1e10 × 2.2e-16 in the small eigenvalues: 2e-6 here.
     assert np.isclose(got, 0.5 * np.sum(ratio - 1 - np.log(ratio)), rtol=2e-5)
+
+
+def test_singular_structured_laws_above_the_dense_limit_are_refused_clearly(rng):
+    """A structured law whose whitened spectrum is too wide for the Woodbury path
+    (I + 1e16 uuᵀ, float64) at d above the dense limit: a ValueError that says
+    which tolerance it failed and what to do, not a wrong number."""
+    d = 3000
+    u = rng.standard_normal((d, 1)) / np.sqrt(d)
+    wide = jaxou.DiagonalPlusLowRank(jnp.ones(d), u, jnp.array([[1e16]]))
+    good = jaxou.DiagonalPlusLowRank(jnp.ones(d), u, jnp.array([[2.0]]))
+    with pytest.raises(ValueError, match=r"numerically singular at d = 3000.*10·d·ε"):
+        jaxou.kl(jaxou.Gaussian(np.zeros(d), good), jaxou.Gaussian(np.zeros(d), wide))
