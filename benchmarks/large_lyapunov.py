@@ -374,7 +374,8 @@ def main() -> None:
     if args.append and __import__("os").path.exists(old_path):
         with open(old_path) as f:
             old = json.load(f)
-        payload["command"] = old["command"] + "; " + payload["command"]
+        commands = old["command"].split("; ") + [payload["command"]]  # each once
+        payload["command"] = "; ".join(dict.fromkeys(commands))
         payload.update({k: old[k] for k in ("accuracy", "scale", "two_stage") if k in old})
     payload["memory_gb"] = (
         __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES") / 1e9
