@@ -426,22 +426,41 @@ def _plot(payload: dict, path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _parse_args():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a small network (smoke run)")
+    parser.add_argument(
+        "--markdown-only",
+        action="store_true",
+        help="rewrite the Markdown table from the saved JSON results; run nothing",
+    )
+    parser.add_argument(
+        "--blas-threads", default="1", help="BLAS threads (default 1; 'default' leaves it unset)"
+    )
+    parser.add_argument("--child", choices=("new", "old"), help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=tuple(SIZES), help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
 def main() -> None:
-    argv = sys.argv[1:]
-    if "--markdown-only" in argv:  # rewrite the table from the saved results
-        stem = "estimate_quick" if "--quick" in argv else "estimate"
+    args = _parse_args()
+    if args.markdown_only:  # rewrite the table from the saved results
+        stem = "estimate_quick" if args.quick else "estimate"
         with open(os.path.join(RESULTS, f"{stem}.json")) as f:
             payload = json.load(f)
         with open(os.path.join(RESULTS, f"{stem}.md"), "w") as f:
             f.write(_markdown(payload))
         return
-    if "--child" in argv:
-        which = argv[argv.index("--child") + 1]
-        size = SIZES[argv[argv.index("--size") + 1]]
-        out = child_new(size) if which == "new" else child_old(size)
+    if args.child:
+        size = SIZES[args.size]
+        out = child_new(size) if args.child == "new" else child_old(size)
         print(json.dumps(out))
         return
-    size_name = "quick" if "--quick" in argv else "full"
+    size_name = "quick" if args.quick else "full"
     payload = {"size_name": size_name, "size": SIZES[size_name], "machine": machine_info(BLAS)}
     payload["new"] = _run_child("new", size_name)
     payload["baseline"] = _run_child("old", size_name)

@@ -6,12 +6,16 @@
     OPENBLAS_NUM_THREADS=1 python benchmarks/large_kl.py
 """
 
+import argparse
 import time
 
 import jax
 import numpy as np
 import scipy.linalg as sl
 
+argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+).parse_args()  # no options: --help prints the above instead of starting the run
 jax.config.update("jax_enable_x64", True)
 import jaxou  # noqa: E402  (after x64 is switched on)
 
