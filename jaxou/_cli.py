@@ -30,6 +30,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
@@ -160,8 +161,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # OpenBLAS reads this when SciPy's LAPACK is first used, which is after this line.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
-        enable_x64()
-        return int(args._run(args))
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _show_warning
+            enable_x64()
+            return int(args._run(args))
     except ConfigError as err:
         if debug:
             raise
@@ -257,22 +261,40 @@ class Progress:
 
 
 class _Step:
+    current: "_Step | None" = None  # the step whose line is open (for warnings)
+
     def __init__(self, progress: Progress, step: str):
         self.progress = progress
         self.step = step
+        self.broken = False  # a warning was printed inside the step's line
 
     def __enter__(self):
         self.t0 = time.perf_counter()
         if not self.progress.quiet:
             print(f"jaxou: {self.step} ...", end="", file=self.progress._out(), flush=True)
+            _Step.current = self
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if _Step.current is self:
+            _Step.current = None
         if not self.progress.quiet:
             status = "done" if exc_type is None else "failed"
             dt = time.perf_counter() - self.t0
-            print(f" {status} ({dt:.1f} s)", file=self.progress._out(), flush=True)
+            again = f"jaxou: {self.step} ..." if self.broken else ""
+            print(f"{again} {status} ({dt:.1f} s)", file=self.progress._out(), flush=True)
         return False
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` of the command line: `jaxou: warning: ...` on a line
+    of its own (ending an open progress line first), without the source line that
+    Python's default shows (the console script's `sys.exit(main())`)."""
+    step = _Step.current
+    if step is not None and not step.broken:
+        print(file=step.progress._out(), flush=True)
+        step.broken = True
+    print(f"jaxou: warning: {_one_line(str(message))}", file=sys.stderr, flush=True)
 
 
 def check_output_dir(path: str) -> None:

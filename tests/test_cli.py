@@ -538,6 +538,31 @@ def test_library_errors_become_one_line(tmp_path, capsys, monkeypatch):
         assert not (tmp_path / "o").exists()
 
 
+def test_library_warnings_are_one_line_and_close_the_progress_line(tmp_path, capsys, monkeypatch):
+    """A library warning inside a progress step: the step's open line is ended, the
+    warning printed as `jaxou: warning: ...` without Python's source line, and the
+    step's line repeated with its status; Python's handler is restored after."""
+    import warnings
+
+    import jaxou._problem
+    from jaxou._cli import Progress
+
+    def warns(config):
+        with Progress()("estimating"):
+            warnings.warn("LanczosHessian: 3 of 10 entries\n  were floored", UserWarning)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(jaxou._problem, "build_problem", warns)
+    before = warnings.showwarning
+    assert main(["run", "--out", str(tmp_path / "o")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    i = next(k for k, line in enumerate(lines) if line.endswith("jaxou: estimating ..."))
+    assert lines[i + 1] == "jaxou: warning: LanczosHessian: 3 of 10 entries were floored"
+    assert lines[i + 2].startswith("jaxou: estimating ... done (")
+    assert not any("UserWarning" in line or "warn(" in line for line in lines)
+    assert warnings.showwarning is before
+
+
 # ---------------------------------------------------------------------------
 # Help, version, import weight.
 
