@@ -155,6 +155,46 @@ def test_max_rank_compresses_in_the_loop(problem):
         assert LyapunovResult(int(sol.result)) == LyapunovResult.INACCURATE
 
 
+def test_without_max_rank_a_wide_iteration_compresses_in_the_loop(monkeypatch):
+    """No `max_rank`: once the blocks pass `auto_width` (here lowered from 2,048 to
+    128 columns, so that d = 1,000 shows it) the iteration compresses in the loop,
+    at widths of at most d/2 (beyond, it holds its blocks to the end), and meets
+    its tolerance (the true residual); without the rule it compresses once, at the
+    end, and gives the same X within the two tolerances. Where 2,048 columns
+    exceed d/2 the rule stays off."""
+    from jaxou._lyapunov import lowrank
+
+    H, C, Hd, Cd = make_problem(np.random.default_rng(5), 1000, 8, 16, 1e4)
+    n = 16 + 2 * 8
+    widths, original = [], lowrank.LowRankAccumulator.compress
+
+    def recorded(self, budget, **kwargs):
+        if kwargs.get("gram2") is not None:  # the iteration's (not the right-hand side's)
+            widths.append(self.width)
+        return original(self, budget, **kwargs)
+
+    monkeypatch.setattr(lowrank.LowRankAccumulator, "compress", recorded)
+    monkeypatch.setattr(lowrank, "AUTO_COLUMNS", 128)
+    sol, stats = LowRankADI(rtol=1e-8).solve_with_stats(H, C)
+    in_loop = widths[:-1]
+    assert len(in_loop) >= 2 and max(in_loop) <= 500 < stats.steps * n
+    assert LyapunovResult(int(sol.result)) == LyapunovResult.SUCCESSFUL
+    X = np.asarray(sol.value.as_matrix())
+    assert true_residual(X, Hd, Cd) <= float(sol.residual) <= 1e-8
+    monkeypatch.setattr(lowrank, "AUTO_COLUMNS", 10**9)
+    widths.clear()
+    ref = LowRankADI(rtol=1e-8).solve(H, C)
+    assert len(widths) == 1 and widths[0] > 500
+    Xr = np.asarray(ref.value.as_matrix())
+    # Both within their residual of the exact solution: ‖X - X*‖ ≤ ‖R‖ / 2λ_min(H).
+    bound = 2e-8 * np.linalg.norm(Cd) / (2 * np.linalg.eigvalsh(Hd).min())
+    assert np.linalg.norm(X - Xr) <= bound
+    monkeypatch.undo()
+    assert lowrank.auto_width(0, 64, 1000) is None  # 2,048 columns: off below d = 4,096
+    assert lowrank.auto_width(500, 180, 10**6) == 2048
+    assert lowrank.auto_width(1000, 180, 10**6) == 2360
+
+
 @pytest.mark.parametrize("max_rank", [None, 4 * 32])
 def test_residual_gram_recurrence(problem, monkeypatch, max_rank):
     """The G₂ = (HZ)ᵀ(HZ) that scores each compression comes from the ADI

@@ -75,7 +75,7 @@ from jaxtyping import Array
 from .._misc import is_concrete
 from .._operator import Diagonal, DiagonalPlusLowRank
 from .base import AbstractLyapunovSolver, LyapunovResult, LyapunovSolution, check_rtol
-from .lowrank import LowRankAccumulator, lowrank_fro
+from .lowrank import LowRankAccumulator, auto_width, lowrank_fro
 
 __all__ = ["ADIStats", "LowRankADI", "zolotarev_shifts", "zolotarev_error"]
 
@@ -606,6 +606,9 @@ def _run(solver: LowRankADI, hess, rhs, interval, rtol) -> tuple[LyapunovSolutio
             if cap is not None and acc.width + P > cap:
                 budget = 0.5 * max(0.5 * target - used, 0.0)
                 used += gram2.compress(budget, (cap // P - 1) * P, W)
+            elif cap is None and acc.width + P > (auto_width(acc.rank, P, d) or np.inf):
+                budget = 0.5 * max(0.5 * target - used, 0.0)
+                used += gram2.compress(budget, None, W)
             panel = np.zeros((d, P)) if wide else P  # jax: made by the step
         p = float(shifts[steps % J])
         if wide:
