@@ -549,7 +549,7 @@ def test_library_warnings_are_one_line_and_close_the_progress_line(tmp_path, cap
 
     def warns(config):
         with Progress()("estimating"):
-            warnings.warn("LanczosHessian: 3 of 10 entries\n  were floored", UserWarning)
+            warnings.warn("LanczosHessian: 3 of 10 entries\n  were floored", stacklevel=2)
         raise ValueError("stop here")
 
     monkeypatch.setattr(jaxou._problem, "build_problem", warns)
