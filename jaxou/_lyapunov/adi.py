@@ -41,7 +41,9 @@ definite at all.
 **Rank.** The blocks $\sqrt{2p_j}V_j$ accumulate in a
 [`LowRankAccumulator`](lowrank.py) and are compressed (by eigenvalues of the
 projected $\Delta$, scored by what dropping them does to the residual,
-$\|HE + EH\|_F$) at the end, and earlier whenever `max_rank` columns are reached.
+$\|HE + EH\|_F$) at the end, and earlier whenever `max_rank` columns are reached
+(without `max_rank`: past `lowrank.auto_width` columns, while that is at most
+$d/2$).
 The score needs $G_2 = (HZ)^\top(HZ)$ for the factor $Z$ of blocks $b_j$; it comes
 without another pass over $d$ from the recurrence itself: $Hb_j = \sqrt{2p_j}W_j +
 p_jb_j$ and $W_j = W_c - \sum_{l} \sqrt{2p_l}b_l$ (the blocks since $W_c$, the
@@ -378,7 +380,9 @@ class LowRankADI(AbstractLyapunovSolver):
       (measured); beyond, expect `INACCURATE`.
     - `max_steps`: the most ADI steps (default 100); `NOT_CONVERGED` past it.
     - `max_rank`: the most columns the factor may hold at any time (the memory
-      bound); `None` (default): no bound. When it binds the compression drops what
+      bound); `None` (default): no fixed bound (past 2,048 columns, or twice the
+      last compression's rank plus two panels, the iteration compresses in the
+      loop, while that is at most $d/2$). When it binds the compression drops what
       it must, the bound on what it dropped enters the residual, and the result is
       `INACCURATE` if that exceeds `rtol`. At least twice $m + 2k$.
     - `num_shifts`: the number $J$ of Zolotarev shifts in a cycle; `None`
