@@ -1,13 +1,14 @@
 """Benchmark: LowRankADI's in-loop compression without `max_rank` (`auto_width`)
 against compressing only at the end, on the stationary laws of a real network.
 
-    .venv/bin/python benchmarks/adi_auto.py            # d = 126,090, about 10 minutes
-    .venv/bin/python benchmarks/adi_auto.py --quick    # a small network (the rule is off)
+    .venv/bin/python benchmarks/adi_auto.py --repeats 2   # d = 126,090, about 15 minutes
+    .venv/bin/python benchmarks/adi_auto.py --quick       # a small network (the rule is off)
 
 The stages are those of `benchmarks/estimate.py` (the digits MLP at its minima:
 `jaxou.LanczosHessian`, sketched source noise, exact target noise). Each stage's
 stationary equation H X + X H = C is solved by `jaxou.LowRankADI()` (default
-tolerance) twice, interleaved, in one process: with the rule (`AUTO_COLUMNS` =
+tolerance) twice per repeat, interleaved (after a warm-up solve of each stage;
+which mode goes first alternates between repeats), in one process: with the rule (`AUTO_COLUMNS` =
 2,048, the default) and without it (`AUTO_COLUMNS` = 10^9: the blocks are held to
 the end, the behaviour before the rule). Reported: time, steps, rank, the widest
 accumulator, the result and the reported residual of each solve.
@@ -34,33 +35,9 @@ MODES = {"end only (before)": 10**9, "auto_width (default)": 2048}
 def _stages(size: dict) -> dict:
     import jax
 
-    import jaxou
-    from jaxou.experiments import digits_mlp as dm
-
     jax.config.update("jax_enable_x64", True)
-    data = estimate._data()
-    params = dm.mlp_init(jax.random.key(0), tuple(size["hidden"]))
-    noises = {
-        "source": jaxou.SketchedNoise(rank=size["source_noise_rank"]),
-        "target": jaxou.ExactNoise(),
-    }
-    out = {}
-    for i, name in enumerate(("source", "target")):
-        sample = data["source" if name == "source" else "target_train"]
-        minimum = jaxou.train_to_minimum(dm.mlp_loss, params, sample, steps=size["train_steps"])
-        params = minimum.params
-        out[name] = jaxou.estimate_stage(
-            dm.mlp_loss,
-            params,
-            sample,
-            jaxou.LanczosHessian(rank=size["rank"], probes=size["probes"], floor=dm.REG),
-            noises[name],
-            lr=1.0,
-            batch_size=1.0,
-            train_steps=0,
-            key=jax.random.key(1 + i),
-        ).stage
-    return out
+    est = estimate.estimate_stages(size, estimate._data(), estimate.Steps())
+    return {name: e.stage for name, e in est.items()}
 
 
 def run(size_name: str, repeats: int) -> dict:
@@ -81,10 +58,15 @@ def run(size_name: str, repeats: int) -> dict:
         widest[-1] = max(widest[-1], self.width)
 
     lowrank.LowRankAccumulator._append_panel = recorded
+    for stage in stages.values():  # warm-up: compile the step kernels of each shape
+        jax.block_until_ready(jaxou.LowRankADI(rtol=1e-2).solve(stage.hessian, stage.noise_cov))
     rows = []
     for rep in range(repeats):
         for name, stage in stages.items():
-            for mode, columns in MODES.items():
+            # Alternate which mode goes first: the first solve of a stage also pays
+            # for fresh memory (14 s of 86 s measured on the --quick target).
+            for mode in list(MODES)[:: 1 if rep % 2 == 0 else -1]:
+                columns = MODES[mode]
                 lowrank.AUTO_COLUMNS = columns
                 widest.append(0)
                 t0 = time.perf_counter()

@@ -97,22 +97,20 @@ def _data():
     return {k: (split["x"][split[k]], split["y"][split[k]]) for k in ("source", "target_train")}
 
 
-def child_new(size: dict) -> dict:
+def estimate_stages(size: dict, data: dict, steps: Steps) -> dict:
+    """Steps 1–3 of the module docstring: the minimum, H and C of both stages, each
+    step timed by `steps`; returns the `jaxou.estimate_stage` results by stage."""
     import jax
-    import jax.numpy as jnp
 
     import jaxou
     from jaxou.experiments import digits_mlp as dm
 
-    jax.config.update("jax_enable_x64", True)
-    steps = Steps()
-    data = steps.run("data (digits split)", _data)
     params = dm.mlp_init(jax.random.key(0), tuple(size["hidden"]))
-    est, out = {}, {}
     noises = {
         "source": ("sketched", jaxou.SketchedNoise(rank=size["source_noise_rank"])),
         "target": ("exact factor", jaxou.ExactNoise()),
     }
+    est = {}
     for i, (name, sample) in enumerate(
         (("source", data["source"]), ("target", data["target_train"]))
     ):
@@ -138,7 +136,24 @@ def child_new(size: dict) -> dict:
             train_steps=0,
             key=jax.random.key(1 + i),
         )
-        out[name] = _accuracy(est[name], dm.mlp_loss, sample)
+    return est
+
+
+def child_new(size: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import jaxou
+    from jaxou.experiments import digits_mlp as dm
+
+    jax.config.update("jax_enable_x64", True)
+    steps = Steps()
+    data = steps.run("data (digits split)", _data)
+    est = estimate_stages(size, data, steps)
+    out = {
+        name: _accuracy(est[name], dm.mlp_loss, data[key])
+        for name, key in (("source", "source"), ("target", "target_train"))
+    }
     d = est["source"].stage.dim
     out["dim"] = d
     out["noise_ranks"] = [est[k].stage.noise_cov.rank for k in ("source", "target")]
