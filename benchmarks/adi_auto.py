@@ -50,6 +50,8 @@ def run(size_name: str, repeats: int) -> dict:
 
     warnings.simplefilter("ignore", UserWarning)  # Hutchinson's floor counts
     stages = _stages(estimate.SIZES[size_name])
+    for stage in stages.values():  # warm-up: compile the step kernels of each shape
+        jax.block_until_ready(jaxou.LowRankADI(rtol=1e-2).solve(stage.hessian, stage.noise_cov))
     widest = []
     append = lowrank.LowRankAccumulator._append_panel
 
@@ -58,8 +60,6 @@ def run(size_name: str, repeats: int) -> dict:
         widest[-1] = max(widest[-1], self.width)
 
     lowrank.LowRankAccumulator._append_panel = recorded
-    for stage in stages.values():  # warm-up: compile the step kernels of each shape
-        jax.block_until_ready(jaxou.LowRankADI(rtol=1e-2).solve(stage.hessian, stage.noise_cov))
     rows = []
     for rep in range(repeats):
         for name, stage in stages.items():
